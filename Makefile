@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make figures   regenerate the paper figures / results (the main job)
+#   make test      lint + test suite
+# Both create or reuse the project-local virtualenv .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev,llm,deepspeed
+OUT    ?= results
+
+.PHONY: figures test lint bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+figures: $(STAMP)
+	$(PY) -m paper_figures --out $(OUT)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

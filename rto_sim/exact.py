@@ -1,0 +1,268 @@
+"""Exact computations on a TokenMDP (theory.md sections 1-2).
+
+Everything here is a backward or forward recursion over the layers (the "token recursion"), so it
+works at any size the state space fits in memory; `enumerate_responses` additionally lists every
+complete response (up to ~6.5e4 per prompt) for sequence-level checks.
+
+Conventions: `beta` is the KL coefficient; policies and rewards are layered lists (see mdp.py);
+0 * log 0 = 0; absorbing states carry zero reward and zero KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from .mdp import Layered, TokenMDP, check_beta, safe_log
+
+MAX_ENUMERATED = 2**16 * 4   # rows (prompts x responses) that `enumerate_responses` accepts by default
+
+
+def _xlogy_ratio(p: np.ndarray, logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """p * (log p - log q) with 0 where p == 0."""
+    out = np.zeros_like(p)
+    m = p > 0
+    out[m] = p[m] * (logp[m] - logq[m])
+    return out
+
+
+def _next_values(mdp: TokenMDP, h: int, V_next: np.ndarray | None) -> np.ndarray:
+    """(n_h, A) value of the successor state; 0 after the last layer."""
+    if h == mdp.H - 1:
+        return np.zeros((mdp.n_states[h], mdp.A))
+    return V_next[mdp.next_state[h]]
+
+
+# ---------------------------------------------------------------------- optimal KL-regularized policy
+@dataclass
+class SoftSolution:
+    """Soft-Bellman solution for reward r and coefficient beta.
+
+    V[h]: (n_h,) V*(s);  Q[h]: (n_h, A) r(s,a) + V*(s');  log_policy[h]: (n_h, A) log pi*_beta."""
+
+    V: Layered
+    Q: Layered
+    log_policy: Layered
+    beta: float
+
+    @property
+    def policy(self) -> Layered:
+        return [np.exp(lp) for lp in self.log_policy]
+
+
+def soft_bellman(mdp: TokenMDP, reward: Layered, beta: float) -> SoftSolution:
+    """V*(s) = beta log sum_a pi_ref(a|s) exp((r(s,a) + V*(s'))/beta),
+    pi*(a|s) = pi_ref(a|s) exp((r(s,a) + V*(s') - V*(s))/beta), V*(terminal) = 0."""
+    beta = check_beta(beta)
+    reward = mdp.check_reward(reward)
+    V: list = [None] * mdp.H
+    Q: list = [None] * mdp.H
+    logpi: list = [None] * mdp.H
+    V_next = None
+    for h in range(mdp.H - 1, -1, -1):
+        Q[h] = reward[h] + _next_values(mdp, h, V_next)
+        z = mdp.log_pi_ref[h] + Q[h] / beta
+        lse = logsumexp(z, axis=1)
+        V[h] = beta * lse
+        logpi[h] = z - lse[:, None]
+        V_next = V[h]
+    return SoftSolution(V=V, Q=Q, log_policy=logpi, beta=beta)
+
+
+def argmax_policy(mdp: TokenMDP, reward: Layered) -> Layered:
+    """Deterministic policy maximizing the (unregularized) return (beta -> 0 limit); ties to the lowest
+    token id."""
+    reward = mdp.check_reward(reward)
+    pol: list = [None] * mdp.H
+    V_next = None
+    for h in range(mdp.H - 1, -1, -1):
+        Q = reward[h] + _next_values(mdp, h, V_next)
+        Q = np.where(mdp.log_pi_ref[h] > -np.inf, Q, -np.inf)   # only actions the model allows
+        a = Q.argmax(axis=1)
+        pol[h] = np.eye(mdp.A)[a]
+        V_next = Q.max(axis=1)
+    return mdp.force_absorbing(pol)
+
+
+# ---------------------------------------------------------------------- evaluation of any policy
+def occupancy(mdp: TokenMDP, policy: Layered) -> Layered:
+    """State occupancy d^pi_h(s) (forward recursion from rho); each layer sums to 1."""
+    policy = mdp.check_policy(policy)
+    d = [mdp.rho.astype(float)]
+    for h in range(mdp.H - 1):
+        flow = d[h][:, None] * policy[h]
+        d.append(np.bincount(mdp.next_state[h].ravel(), weights=flow.ravel(), minlength=mdp.n_states[h + 1]))
+    return d
+
+
+@dataclass
+class PolicyValue:
+    """Exact value of a policy: J_beta = E_x[E_pi R - beta KL(pi(.|x) || pi_ref(.|x))].
+
+    Per-prompt arrays have shape (P,); `V`, `Q` are the layered KL-regularized values (with the
+    r - beta log(pi/pi_ref) convention)."""
+
+    J: float
+    expected_return: float
+    kl: float
+    J_per_prompt: np.ndarray
+    return_per_prompt: np.ndarray
+    kl_per_prompt: np.ndarray
+    V: Layered
+    Q: Layered
+
+
+def evaluate(mdp: TokenMDP, policy: Layered, reward: Layered, beta: float = 0.0) -> PolicyValue:
+    """Exact return, sequence-level KL(pi || pi_ref) and J_beta of `policy` (beta = 0 allowed here)."""
+    if not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    policy = mdp.check_policy(policy)
+    reward = mdp.check_reward(reward)
+    Vr, Vk = None, None            # expected future return / KL
+    Vs: list = [None] * mdp.H
+    Qs: list = [None] * mdp.H
+    for h in range(mdp.H - 1, -1, -1):
+        logp = safe_log(policy[h])
+        kl_tok = _xlogy_ratio(policy[h], logp, mdp.log_pi_ref[h])        # (n_h, A) pi * log(pi/pi_ref)
+        qr = reward[h] + _next_values(mdp, h, Vr)
+        qk = _next_values(mdp, h, Vk)
+        Qs[h] = qr - beta * qk
+        Vr = (policy[h] * qr).sum(axis=1)
+        Vk = kl_tok.sum(axis=1) + (policy[h] * qk).sum(axis=1)
+        Vs[h] = Vr - beta * Vk
+    ret_p, kl_p = Vr, Vk
+    J_p = ret_p - beta * kl_p
+    return PolicyValue(J=float(mdp.rho @ J_p), expected_return=float(mdp.rho @ ret_p), kl=float(mdp.rho @ kl_p),
+                       J_per_prompt=J_p, return_per_prompt=ret_p, kl_per_prompt=kl_p, V=Vs, Q=Qs)
+
+
+def sub_optimality(mdp: TokenMDP, policy: Layered, reward: Layered, beta: float) -> float:
+    """SubOpt(pi) = J_beta(pi*_beta) - J_beta(pi) >= 0."""
+    star = soft_bellman(mdp, reward, beta)
+    return float(mdp.rho @ star.V[0]) - evaluate(mdp, policy, reward, beta).J
+
+
+def return_moments(mdp: TokenMDP, policy: Layered, reward: Layered) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt mean and variance of R(y) = sum_h r(s_h, a_h) under y ~ policy(.|x), by recursion."""
+    policy = mdp.check_policy(policy)
+    reward = mdp.check_reward(reward)
+    M1, M2 = None, None
+    for h in range(mdp.H - 1, -1, -1):
+        m1n, m2n = _next_values(mdp, h, M1), _next_values(mdp, h, M2)
+        r = reward[h]
+        M1_new = (policy[h] * (r + m1n)).sum(axis=1)
+        M2 = (policy[h] * (r**2 + 2 * r * m1n + m2n)).sum(axis=1)
+        M1 = M1_new
+    return M1, np.maximum(M2 - M1**2, 0.0)
+
+
+def implicit_token_reward(mdp: TokenMDP, policy: Layered, beta: float) -> Layered:
+    """DPO implicit token reward of a policy: beta * log(pi(a|s) / pi_ref(a|s)) (0 in absorbing states;
+    -inf where pi = 0 < pi_ref)."""
+    beta = check_beta(beta)
+    policy = mdp.check_policy(policy)
+    out = []
+    for h in range(mdp.H):
+        lp = safe_log(policy[h])
+        m = mdp.log_pi_ref[h] > -np.inf
+        r = np.zeros_like(lp)
+        r[m] = beta * (lp[m] - mdp.log_pi_ref[h][m])
+        r[mdp.absorbing[h]] = 0.0
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------- enumeration
+@dataclass
+class Enumeration:
+    """Every complete response of every prompt.
+
+    prompt: (N,) prompt index; actions: (N, H) tokens (EOS-padded after the first EOS);
+    states: (N, H) layer-wise state index of s_1..s_H; length: (N,) tokens through the first EOS."""
+
+    prompt: np.ndarray
+    actions: np.ndarray
+    states: np.ndarray
+    length: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def gather(self, layered: Layered) -> np.ndarray:
+        """(N, H) values layered[h][s_h, a_h]."""
+        return np.stack([layered[h][self.states[:, h], self.actions[:, h]] for h in range(self.actions.shape[1])],
+                        axis=1)
+
+    def log_prob(self, log_policy: Layered) -> np.ndarray:
+        """(N,) log pi(y | x) from a layered LOG policy."""
+        return self.gather(log_policy).sum(axis=1)
+
+    def returns(self, reward: Layered) -> np.ndarray:
+        """(N,) R(y) = sum_h r(s_h, a_h)."""
+        return self.gather(reward).sum(axis=1)
+
+
+def enumerate_responses(mdp: TokenMDP, max_rows: int = MAX_ENUMERATED) -> Enumeration:
+    """List all complete responses of all prompts (rows = prompts x responses). Raises ValueError
+    beyond `max_rows`: use the recursions (soft_bellman, evaluate, occupancy) instead."""
+    P, A, H = mdp.n_prompts, mdp.A, mdp.H
+    K = mdp.num_responses
+    if P * K > max_rows:
+        raise ValueError(f"enumeration of {P} x {K} responses exceeds max_rows={max_rows}: this size is not "
+                         "enumerable; use the token recursion (soft_bellman / evaluate / occupancy) or raise "
+                         "max_rows")
+    if mdp.eos is None:
+        digits = (np.arange(A**H)[:, None] // A ** np.arange(H - 1, -1, -1)[None, :]) % A
+        length = np.full(len(digits), H)
+    else:
+        b, rows, lens = A - 1, [], []
+        for k in range(H + 1):        # k live tokens, then EOS (if k < H) and EOS padding
+            live = (np.arange(b**k)[:, None] // b ** np.arange(k - 1, -1, -1)[None, :]) % b if k else \
+                np.zeros((1, 0), np.int64)
+            pad = np.full((len(live), H - k), A - 1)
+            rows.append(np.concatenate([live, pad], axis=1))
+            lens.append(np.full(len(live), min(k + 1, H)))
+        digits, length = np.concatenate(rows), np.concatenate(lens)
+    digits = digits.astype(np.int64)
+    prompt = np.repeat(np.arange(P), len(digits))
+    actions = np.tile(digits, (P, 1))
+    states = np.zeros_like(actions)
+    states[:, 0] = prompt
+    for h in range(H - 1):
+        states[:, h + 1] = mdp.next_state[h][states[:, h], actions[:, h]]
+    return Enumeration(prompt=prompt, actions=actions, states=states, length=np.tile(length, P))
+
+
+def sequence_kl(enum: Enumeration, log_p: np.ndarray, log_q: np.ndarray, rho: np.ndarray) -> float:
+    """E_x KL(p(.|x) || q(.|x)) from per-row sequence log-probs (N,)."""
+    p = np.exp(log_p)
+    terms = np.where(p > 0, p * (log_p - np.where(p > 0, log_q, 0.0)), 0.0)
+    return float(rho @ np.bincount(enum.prompt, weights=terms, minlength=len(rho)))
+
+
+def rto_reward_table(mdp: TokenMDP, reward: Layered | None = None, log_pi_dpo: Layered | None = None,
+                     beta1: float = 0.0, beta3: float = 1.0, clip: float | None = None) -> Layered:
+    """Exact-planning form of the RTO token reward (RTO eq. 4.7) on a layered MDP:
+
+        r_RTO(s, a) = clip(beta1 * log(pi_dpo(a|s) / pi_ref(a|s)), -c, c) + beta3 * r(s, a)
+
+    The -beta2 * log(pi/pi_ref) term is the KL regularizer: pass beta = beta2 to `soft_bellman`.
+    (The sampled-trajectory form, with the score at the last token and masks, is
+    `rto_sim.core.compute_rto_rewards`.) beta1 = 0 never reads `log_pi_dpo`."""
+    if beta1 < 0:
+        raise ValueError(f"beta1 must be >= 0 (0 switches the DPO term off), got {beta1}")
+    out = [np.zeros((n, mdp.A)) for n in mdp.n_states]
+    if reward is not None and beta3 != 0:
+        out = [o + beta3 * r for o, r in zip(out, mdp.check_reward(reward))]
+    if beta1 > 0:
+        if log_pi_dpo is None:
+            raise ValueError("log_pi_dpo is required when beta1 > 0")
+        for h in range(mdp.H):
+            m = mdp.log_pi_ref[h] > -np.inf
+            t = np.where(m, beta1 * (np.where(m, log_pi_dpo[h], 0.0) - np.where(m, mdp.log_pi_ref[h], 0.0)), 0.0)
+            if clip is not None:
+                t = np.clip(t, -clip, clip)
+            out[h] = out[h] + t
+    return mdp.check_reward(out)

@@ -1,0 +1,48 @@
+"""Experiment registry: `rto-sim experiment NAME --out DIR [--quick]`.
+
+Each experiment module exposes `config(quick: bool) -> dict` and
+`run(config: dict, folder: Path) -> (table: DataFrame, checks: dict[str, Check])`.
+`run_experiment` owns the bookkeeping: claiming the folder, timing, writing the tidy table and
+`summary.json` atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from ..results import atomic_write_json, claim_folder, config_hash, write_table
+
+EXPERIMENTS = {
+    "E0": "rto_sim.experiments.e0",
+}
+
+
+def get_experiment(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",
+                   overwrite: bool = False, **overrides) -> dict:
+    """Run one experiment into `out/name/`; returns the summary dict."""
+    mod = get_experiment(name)
+    cfg = mod.config(quick)
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown config keys for {name}: {sorted(unknown)}; valid keys: {sorted(cfg)}")
+    cfg.update(overrides)
+    folder = Path(out) / name
+    claim_folder(folder, cfg, overwrite=overwrite)
+    t0 = time.perf_counter()
+    table, checks = mod.run(cfg, folder)
+    wall = time.perf_counter() - t0
+    table = table.assign(experiment=name, config_hash=config_hash(cfg))
+    write_table(table, folder / "results", fmt)
+    summary = {"experiment": name, "quick": quick, "config_hash": config_hash(cfg), "wall_time_s": wall,
+               "config": cfg, "checks": {k: c.to_dict() for k, c in checks.items()},
+               "all_pass": all(c.verdict == "pass" for c in checks.values())}
+    atomic_write_json(folder / "summary.json", summary)
+    return summary

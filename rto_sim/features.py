@@ -1,0 +1,146 @@
+"""Linear token-reward classes r(s, a) = <phi(s, a), theta> (theory.md sections 1 and 3).
+
+A feature map is stored sparsely per layer: `index[h]` (n_h, A, m) int and `value[h]` (n_h, A, m)
+float, so phi(s, a) = sum_j value[h][s, a, j] * e_{index[h][s, a, j]} in R^d. The trajectory feature is
+psi(y) = sum_h phi(s_h, a_h) and R(y) = <psi(y), theta>.
+
+Classes (d for a uniform reference and no EOS):
+    unigram       stationary token reward r(a)                    d = A
+    positional    r(h, a)                                         d = H A
+    bigram        r(last token, a) (needs last-token states)      d = (A + 1) A
+    random        Gaussian features of dimension d per (s, a)     d given
+    tabular       one free parameter per (state, token)           d = #(s, a); on the tree this is the
+                  "tree-tabular" control: only A^H - 1 identifiable directions, like the bandit
+    terminal      sentence reward: one parameter per terminal (s, a) (the last token or EOS); on the
+                  tree this is the one-hot bandit arm e_y
+Absorbing states get phi = 0 (zero reward after EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .exact import Enumeration, return_moments
+from .mdp import Layered, TokenMDP
+
+FEATURE_KINDS = ("unigram", "positional", "bigram", "random", "tabular", "tree_tabular", "terminal")
+
+
+@dataclass
+class FeatureMap:
+    """Sparse linear features; see module docstring. `kind` names the reward class."""
+
+    kind: str
+    d: int
+    index: Layered      # H arrays (n_h, A, m) int64
+    value: Layered      # H arrays (n_h, A, m) float
+
+    def check_theta(self, theta) -> np.ndarray:
+        theta = np.asarray(theta, dtype=float)
+        if theta.shape != (self.d,):
+            raise ValueError(f"theta has shape {theta.shape} but the '{self.kind}' features have dimension "
+                             f"d={self.d}: pass a vector of shape ({self.d},)")
+        return theta
+
+    def token_reward(self, theta) -> Layered:
+        """r(s, a) = <phi(s, a), theta> as a layered (n_h, A) list."""
+        theta = self.check_theta(theta)
+        return [(v * theta[i]).sum(axis=-1) for i, v in zip(self.index, self.value)]
+
+    def psi(self, enum: Enumeration) -> sp.csr_matrix:
+        """(N, d) sparse trajectory features psi(y) = sum_h phi(s_h, a_h) of enumerated responses."""
+        rows, cols, vals = [], [], []
+        N = len(enum)
+        for h in range(enum.actions.shape[1]):
+            i = self.index[h][enum.states[:, h], enum.actions[:, h]]     # (N, m)
+            v = self.value[h][enum.states[:, h], enum.actions[:, h]]
+            rows.append(np.repeat(np.arange(N), i.shape[1]))
+            cols.append(i.ravel())
+            vals.append(v.ravel())
+        m = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N, self.d))
+        m = m.tocsr()
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        return m
+
+    def dense(self, h: int) -> np.ndarray:
+        """(n_h, A, d) dense phi for layer h (small d only)."""
+        out = np.zeros(self.index[h].shape[:2] + (self.d,))
+        n, A, m = self.index[h].shape
+        s, a = np.meshgrid(np.arange(n), np.arange(A), indexing="ij")
+        for j in range(m):
+            np.add.at(out, (s, a, self.index[h][:, :, j]), self.value[h][:, :, j])
+        return out
+
+
+def make_features(mdp: TokenMDP, kind: str, d: int | None = None, seed: int | None = 0) -> FeatureMap:
+    """Build the feature map of a reward class on `mdp` (see module docstring)."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown reward class {kind!r}; choose one of {FEATURE_KINDS}")
+    A, H = mdp.A, mdp.H
+    idx, val = [], []
+    if kind == "random":
+        if d is None or int(d) < 1:
+            raise ValueError("d (feature dimension) must be given and >= 1 for kind='random'")
+        d = int(d)
+        rng = np.random.default_rng(seed)
+        for h in range(H):
+            idx.append(np.broadcast_to(np.arange(d), (mdp.n_states[h], A, d)).copy())
+            val.append(rng.standard_normal((mdp.n_states[h], A, d)))
+    elif kind in ("tabular", "tree_tabular", "terminal"):
+        offset = 0
+        for h in range(H):
+            n = mdp.n_states[h]
+            live = ~mdp.absorbing[h]
+            used = np.repeat(live[:, None], A, axis=1)
+            if kind == "terminal" and h < H - 1:     # only the final token or EOS carries reward
+                used &= (np.arange(A) == mdp.eos)[None, :] if mdp.eos is not None else False
+            ids = np.full((n, A), 0, np.int64)
+            ids[used] = offset + np.arange(used.sum())
+            offset += int(used.sum())
+            idx.append(ids[:, :, None])
+            val.append(used[:, :, None].astype(float))
+        d = offset
+    else:
+        for h in range(H):
+            n = mdp.n_states[h]
+            a = np.broadcast_to(np.arange(A), (n, A))
+            if kind == "unigram":
+                ids, dd = a, A
+            elif kind == "positional":
+                ids, dd = h * A + a, H * A
+            else:  # bigram
+                last = mdp.last_token[h]
+                if np.any(last == -2):
+                    raise ValueError("kind='bigram' needs states that know their last token; this automaton "
+                                     "merges prefixes with different last tokens: use TokenMDP.tree or "
+                                     "TokenMDP.last_token_automaton")
+                ids, dd = (last[:, None] + 1) * A + a, (A + 1) * A
+            idx.append(np.ascontiguousarray(ids, dtype=np.int64)[:, :, None])
+            val.append(np.repeat((~mdp.absorbing[h])[:, None], A, axis=1)[:, :, None].astype(float))
+        d = dd
+    for h in range(H):                      # phi = 0 after EOS
+        val[h] = val[h] * (~mdp.absorbing[h])[:, None, None]
+    if d != int(d) or d < 1:
+        raise ValueError(f"feature class {kind!r} has no parameters on this MDP")
+    return FeatureMap(kind=kind, d=int(d), index=idx, value=val)
+
+
+def draw_theta(mdp: TokenMDP, features: FeatureMap, return_var: float = 0.25, policy: Layered | None = None,
+               seed: int | None = 0) -> np.ndarray:
+    """theta* ~ N(0, I) rescaled so that E_x Var_{y ~ policy}(R(y) | x) = return_var (policy defaults to
+    pi_ref). Fixing this variance keeps the Bradley-Terry slope comparable across sizes."""
+    if not return_var > 0:
+        raise ValueError(f"return_var must be > 0, got {return_var}")
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal(features.d)
+    policy = mdp.pi_ref if policy is None else policy
+    _, var = return_moments(mdp, policy, features.token_reward(theta))
+    v = float(mdp.rho @ var)
+    if v <= 1e-300:
+        raise ValueError(f"the '{features.kind}' reward has zero return variance under this policy; it cannot "
+                         "be scaled (choose another class or policy)")
+    return theta * np.sqrt(return_var / v)
