@@ -15,14 +15,26 @@ from pathlib import Path
 from ..results import atomic_write_json, claim_folder, config_hash, write_table
 
 EXPERIMENTS = {
-    "E0": "rto_sim.experiments.e0",
+    "E0": "rto_sim.experiments.e0",     # exact identities (theory.md section 2)
+    "E1": "rto_sim.experiments.e1",     # statistical scaling: token MLE vs bandit vs DPO (S1-S3, S5, S7, S8)
+    "E1b": "rto_sim.experiments.e1b",   # fixed-N sweep in H (S4)
+    "E2": "rto_sim.experiments.e2",     # Proposition 3.2 query counts (S11)
+    "E3": "rto_sim.experiments.e3",     # policy quality, Algorithm 1, Theorem 4.2 (S5, S6, S9)
+    "E5": "rto_sim.experiments.e5",     # overoptimization (S14)
+    "E6": "rto_sim.experiments.e6",     # coverage (S10)
+    "E7": "rto_sim.experiments.e7",     # practical RTO: PPO on shaped token rewards (S12, S13)
 }
 
 
 def get_experiment(name: str):
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
-    return importlib.import_module(EXPERIMENTS[name])
+    try:
+        return importlib.import_module(EXPERIMENTS[name])
+    except ModuleNotFoundError as e:
+        if e.name == EXPERIMENTS[name]:
+            raise ValueError(f"experiment {name!r} is registered but not implemented yet ({EXPERIMENTS[name]})") from e
+        raise
 
 
 def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",

@@ -1,0 +1,58 @@
+"""Regenerate the figures: `python -m paper_figures --out results [--quick]` (the README's `make figures`).
+
+Runs each experiment into OUT/<name>/ (reusing finished results with the same config), then draws its
+figures into OUT/figures/ and a markdown table OUT/<name>.md. A failed check is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rto_sim.experiments import run_experiment
+from rto_sim.results import config_hash
+
+from . import e0
+
+FIGURES = {"E0": e0.draw}
+
+
+def ensure_results(name: str, out: Path, quick: bool) -> dict:
+    from rto_sim.experiments import get_experiment
+
+    cfg = get_experiment(name).config(quick)
+    summ = out / name / "summary.json"
+    if summ.exists():
+        s = json.loads(summ.read_text())
+        if s.get("config_hash") == config_hash(cfg):
+            print(f"[{name}] reusing finished results in {out / name}")
+            return s
+    print(f"[{name}] running ({'quick' if quick else 'full'} grid) ...", flush=True)
+    return run_experiment(name, out, quick=quick, overwrite=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m paper_figures")
+    ap.add_argument("--out", default="results", help="results folder (experiments write OUT/<name>/)")
+    ap.add_argument("--quick", action="store_true", help="reduced grids (a laptop minute)")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of experiments")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    failed = []
+    for name, draw in FIGURES.items():
+        if args.only and name not in args.only:
+            continue
+        summary = ensure_results(name, out, args.quick)
+        for path in draw(summary, out):
+            print(f"[{name}] wrote {path}")
+        failed += [f"{name}:{k}" for k, c in summary["checks"].items() if c["verdict"] != "pass"]
+    print(f"done in {time.perf_counter() - t0:.1f}s; checks not passing: {failed if failed else 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
