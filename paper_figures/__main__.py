@@ -16,6 +16,7 @@ from rto_sim.experiments import run_experiment
 from rto_sim.results import config_hash
 
 from . import e0
+from .report import write_report
 
 FIGURES = {"E0": e0.draw}
 
@@ -39,17 +40,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results", help="results folder (experiments write OUT/<name>/)")
     ap.add_argument("--quick", action="store_true", help="reduced grids (a laptop minute)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of experiments")
+    ap.add_argument("--report", default=None,
+                    help="claims report path (default paper_figures/REPORT.md; OUT/REPORT_quick.md with --quick)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
-    failed = []
+    failed, summaries, timings = [], {}, {}
     for name, draw in FIGURES.items():
         if args.only and name not in args.only:
             continue
+        t1 = time.perf_counter()
         summary = ensure_results(name, out, args.quick)
         for path in draw(summary, out):
             print(f"[{name}] wrote {path}")
+        summaries[name] = summary
+        timings[name] = time.perf_counter() - t1
         failed += [f"{name}:{k}" for k, c in summary["checks"].items() if c["verdict"] != "pass"]
+    report = Path(args.report) if args.report else (
+        out / "REPORT_quick.md" if args.quick else Path(__file__).parent / "REPORT.md")
+    print(f"wrote {write_report(summaries, report, timings)}")
     print(f"done in {time.perf_counter() - t0:.1f}s; checks not passing: {failed if failed else 'none'}")
     return 0
 

@@ -25,8 +25,9 @@ def draw(summary: dict, out: Path) -> list[Path]:
     ax.invert_yaxis()
     ax.set_xlabel("max |error| over random instances")
     ax.legend(loc="lower right")
-    cap = (f"E0: {df.instance.nunique()} random trees/automata (A in {sorted(int(a) for a in df.A.unique())}, H <= {df.H.max()}, "
-           f"EOS on/off, beta in {sorted(float(b) for b in df.beta.unique())}); config {summary['config_hash']}; "
+    A_vals, betas = sorted(int(a) for a in df.A.unique()), sorted(float(b) for b in df.beta.unique())
+    cap = (f"E0: {df.instance.nunique()} random trees/automata (A in {A_vals}, H <= {df.H.max()}, "
+           f"EOS on/off, beta in {betas}); config {summary['config_hash']}; "
            f"wall {summary['wall_time_s']:.1f}s")
     paths = save(fig, out, "E0_identities", cap)
     lines = ["| identity | max abs error | tolerance | verdict |", "|---|---|---|---|"]
