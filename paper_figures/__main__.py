@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results", help="results folder (experiments write OUT/<name>/)")
     ap.add_argument("--quick", action="store_true", help="reduced grids (a laptop minute)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of experiments")
+    ap.add_argument("--llm-logs", default=None, metavar="DIR",
+                    help="also draw PPO vs RTO curves from rto_llm metrics.jsonl files below DIR")
     ap.add_argument("--report", default=None,
                     help="claims report path (default paper_figures/REPORT.md; OUT/REPORT_quick.md with --quick)")
     args = ap.parse_args(argv)
@@ -56,6 +58,11 @@ def main(argv=None) -> int:
         summaries[name] = summary
         timings[name] = time.perf_counter() - t1
         failed += [f"{name}:{k}" for k, c in summary["checks"].items() if c["verdict"] != "pass"]
+    if args.llm_logs:
+        from .llm_logs import draw as draw_llm
+
+        for path in draw_llm(Path(args.llm_logs), out):
+            print(f"[llm] wrote {path}")
     report = Path(args.report) if args.report else (
         out / "REPORT_quick.md" if args.quick else Path(__file__).parent / "REPORT.md")
     print(f"wrote {write_report(summaries, report, timings)}")
