@@ -15,10 +15,10 @@ from pathlib import Path
 from rto_sim.experiments import run_experiment
 from rto_sim.results import config_hash
 
-from . import e0
+from . import e0, e2
 from .report import write_report
 
-FIGURES = {"E0": e0.draw}
+FIGURES = {"E0": e0.draw, "E2": e2.draw}
 
 
 def ensure_results(name: str, out: Path, quick: bool) -> dict:
