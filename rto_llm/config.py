@@ -109,6 +109,9 @@ class TrainConfig:
     micro_batch_size: int = opt(4, "Rows (or pairs) per forward pass on one process.")
     epochs: int = opt(1, "Passes over the training data.")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs * steps per epoch).")
+    stop_after: int = opt(
+        0, "Return after N steps of this invocation with a checkpoint (time-limited jobs; 0 = run to the end)."
+    )
     lr: float = opt(1e-5, "Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate schedule.")
     warmup_ratio: float = opt(0.03, "Fraction of steps of linear warm-up.")

@@ -1,0 +1,73 @@
+"""``rto-llm <stage> [--config run.yaml] [--resume [DIR]] [section.key=value ...]``
+
+Stages are registered in :data:`STAGES` (config class + trainer import path); adding the PPO / RTO stage
+is one more entry. ``rto-llm <stage> --help`` lists every option with its default and documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rto_llm.config import ConfigError, DPOConfig, RMConfig, SFTConfig, config_help, load_config
+
+# stage -> (config class, "module:TrainerClass"); trainers import transformers, so they load lazily.
+STAGES: dict[str, tuple[type, str]] = {
+    "sft": (SFTConfig, "rto_llm.trainers.sft:SFTTrainer"),
+    "rm": (RMConfig, "rto_llm.trainers.rm:RMTrainer"),
+    "dpo": (DPOConfig, "rto_llm.trainers.dpo:DPOTrainer"),
+}
+
+
+def trainer_class(stage: str) -> type:
+    module, name = STAGES[stage][1].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rto-llm", description="RTO LLM trainer: SFT, reward model, DPO.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, (cls, _) in STAGES.items():
+        p = sub.add_parser(
+            stage,
+            help=(cls.__doc__ or "").strip().splitlines()[0],
+            description=(cls.__doc__ or "").strip(),
+            epilog="options (set in the YAML file or as section.key=value):\n" + config_help(cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", help="YAML file with the run's sections (model, data, train, ...)")
+        p.add_argument(
+            "--resume", nargs="?", const="latest", default=None,
+            help="resume from the latest checkpoint in train.output_dir (or from DIR)",
+        )
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cls = STAGES[args.stage][0]
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(cls, args.config, overrides)
+    except ConfigError as e:
+        print(f"rto-llm {args.stage}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from rto_llm.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    trainer = trainer_class(args.stage)(cfg)
+    trainer.train(stop_after=cfg.train.stop_after or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
