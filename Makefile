@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,llm,deepspeed
 OUT    ?= results
 
+# Many small numpy/scipy fits: threaded BLAS oversubscribes small machines (measured 80x slower under load).
+export OPENBLAS_NUM_THREADS ?= 1
+
 .PHONY: figures test lint bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt Makefile

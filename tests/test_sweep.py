@@ -1,0 +1,132 @@
+"""Sweep runner: grid, resume after a crash, determinism across backends/workers, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rto_sim.sweep import SweepGrid, cell_key, cell_seed, collect, run_sweep
+
+
+def noisy_cell(cell, rng_seed):
+    """Logs each call, optionally crashes (when the flag file exists), returns two random metrics."""
+    log = Path(cell["log_dir"])
+    if (log / "crash").exists() and cell["x"] == 2:
+        raise RuntimeError("simulated kill")
+    with open(log / "calls.txt", "a") as f:
+        f.write(f"{cell['x']},{cell['seed']}\n")
+    rng = np.random.default_rng(rng_seed)
+    return [{"metric": "u", "value": float(rng.random()), "learner": "a"},
+            {"metric": "v", "value": float(cell["x"] + rng.standard_normal()), "learner": "b"}]
+
+
+def _grid(tmp_path, **fixed):
+    return SweepGrid(axes={"x": [0, 1, 2, 3], "seed": range(3)}, fixed={"log_dir": str(tmp_path), **fixed})
+
+
+def _calls(tmp_path):
+    p = tmp_path / "calls.txt"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def test_grid_cells_and_yaml(tmp_path):
+    g = _grid(tmp_path)
+    cells = g.cells()
+    assert len(cells) == len(g) == 12 and cells[0] == {"log_dir": str(tmp_path), "x": 0, "seed": 0}
+    y = SweepGrid.from_yaml("axes:\n  x: [0, 1, 2, 3]\n  seed: [0, 1, 2]\nfixed:\n  log_dir: " + str(tmp_path))
+    assert y.cells() == cells
+    assert cell_seed(cells[0]) == cell_seed(dict(cells[0])) and cell_seed(cells[0]) != cell_seed(cells[1])
+
+
+def test_tidy_table_and_resume_after_crash(tmp_path):
+    g = _grid(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "crash").touch()
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_sweep(noisy_cell, g, out, backend="serial", progress=False)
+    done_before = sorted(p.stem for p in (out / "cells").glob("*.parquet"))
+    assert 0 < len(done_before) < 12                      # finished cells survived the crash
+    n_calls = len(_calls(tmp_path))
+    (tmp_path / "crash").unlink()
+    table = run_sweep(noisy_cell, g, out, backend="serial", progress=False)
+    calls = _calls(tmp_path)
+    assert len(calls) == 12 and len(set(calls)) == 12     # no finished cell recomputed
+    assert len(calls) - n_calls == 12 - len(done_before)
+    assert len(table) == 24 and set(table.metric) == {"u", "v"}
+    for col in ("x", "seed", "rng_seed", "cell_hash", "wall_time_s", "learner", "value"):
+        assert col in table.columns
+    assert table.groupby("cell_hash").size().eq(2).all()
+    # a third run computes nothing
+    again = run_sweep(noisy_cell, g, out, backend="serial", progress=False)
+    assert len(_calls(tmp_path)) == 12
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_subset_then_full_grid_process_pool(tmp_path):
+    g = _grid(tmp_path)
+    out = tmp_path / "out"
+    part = run_sweep(noisy_cell, g, out, workers=2, cells=g.cells()[:5], progress=False)
+    assert part.cell_hash.nunique() == 5
+    full = run_sweep(noisy_cell, g, out, workers=2, progress=False)
+    assert full.cell_hash.nunique() == 12 and len(_calls(tmp_path)) == 12
+
+
+def test_same_numbers_regardless_of_backend_and_order(tmp_path):
+    g = _grid(tmp_path)
+    a = run_sweep(noisy_cell, g, tmp_path / "ra", backend="serial", progress=False)
+    b = run_sweep(noisy_cell, g, tmp_path / "rb", workers=2, cells=g.cells()[::-1], progress=False)
+    cols = ["x", "seed", "metric", "value", "rng_seed"]
+    pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True))
+
+
+def test_folder_of_another_config_is_refused(tmp_path):
+    out = tmp_path / "out"
+    run_sweep(noisy_cell, _grid(tmp_path), out, backend="serial", progress=False)
+    before = {p.name: p.read_bytes() for p in (out / "cells").glob("*")}
+    meta = (out / "sweep.json").read_text()
+    other = SweepGrid(axes={"x": [0, 1], "seed": [0]}, fixed={"log_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="another config"):
+        run_sweep(noisy_cell, other, out, backend="serial", progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "cells").glob("*")} == before
+    assert (out / "sweep.json").read_text() == meta
+    assert json.loads(meta)["grid"]["axes"]["x"] == [0, 1, 2, 3]
+
+
+def test_bad_input(tmp_path):
+    g = _grid(tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        SweepGrid(axes={"x": []})
+    with pytest.raises(ValueError, match="list of values"):
+        SweepGrid(axes={"x": 3})
+    with pytest.raises(ValueError, match="both axes and fixed"):
+        SweepGrid(axes={"x": [1]}, fixed={"x": 2})
+    with pytest.raises(ValueError, match="backend"):
+        run_sweep(noisy_cell, g, tmp_path / "o", backend="dask")
+    with pytest.raises(ValueError, match="workers"):
+        run_sweep(noisy_cell, g, tmp_path / "o", workers=0)
+
+    def validate(cell):
+        if cell["x"] == 3:
+            raise ValueError("x must be < 3")
+    with pytest.raises(ValueError, match="x must be < 3"):
+        run_sweep(noisy_cell, g, tmp_path / "o2", validate=validate, progress=False)
+    assert not (tmp_path / "o2").exists() and _calls(tmp_path) == []    # nothing ran, nothing written
+    with pytest.raises(ValueError, match="belong to the grid"):
+        run_sweep(noisy_cell, g, tmp_path / "o3", cells=[{"x": 99}])
+    bad_rows = tmp_path / "o4"
+    with pytest.raises(ValueError, match="'metric' and 'value'"):
+        run_sweep(bad_cell, SweepGrid(axes={"x": [1]}), bad_rows, backend="serial", progress=False)
+    assert collect(bad_rows, SweepGrid(axes={"x": [1]})).empty
+
+
+def bad_cell(cell, rng_seed):
+    return [{"value": 1.0}]
+
+
+def test_ray_backend(tmp_path):
+    pytest.importorskip("ray")
+    g = _grid(tmp_path)
+    a = run_sweep(noisy_cell, g, tmp_path / "ray", backend="ray", workers=2, progress=False)
+    assert a.cell_hash.nunique() == 12 and cell_key(g.cells()[0]) in set(a.cell_hash)
