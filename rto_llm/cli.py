@@ -1,7 +1,6 @@
 """``rto-llm <stage> [--config run.yaml] [--resume [DIR]] [section.key=value ...]``
 
-Stages are registered in :data:`STAGES` (config class + trainer import path); adding the PPO / RTO stage
-is one more entry. ``rto-llm <stage> --help`` lists every option with its default and documentation.
+Stages are registered in :data:`STAGES` (config class + trainer import path): sft, rm, dpo, ppo, rto. ``rto-llm <stage> --help`` lists every option with its default and documentation.
 """
 
 from __future__ import annotations
@@ -11,12 +10,15 @@ import importlib
 import sys
 
 from rto_llm.config import ConfigError, DPOConfig, RMConfig, SFTConfig, config_help, load_config
+from rto_llm.ppo.config import PPOConfig, RTOConfig
 
 # stage -> (config class, "module:TrainerClass"); trainers import transformers, so they load lazily.
 STAGES: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "rto_llm.trainers.sft:SFTTrainer"),
     "rm": (RMConfig, "rto_llm.trainers.rm:RMTrainer"),
     "dpo": (DPOConfig, "rto_llm.trainers.dpo:DPOTrainer"),
+    "ppo": (PPOConfig, "rto_llm.ppo.trainer:PPOTrainer"),     # train.stop_after counts rollouts here
+    "rto": (RTOConfig, "rto_llm.ppo.trainer:PPOTrainer"),
 }
 
 
@@ -26,7 +28,7 @@ def trainer_class(stage: str) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rto-llm", description="RTO LLM trainer: SFT, reward model, DPO.")
+    parser = argparse.ArgumentParser(prog="rto-llm", description="RTO LLM trainer: SFT, reward model, DPO, PPO and RTO.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, (cls, _) in STAGES.items():
         p = sub.add_parser(
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    trainer = trainer_class(args.stage)(cfg)
+    try:
+        trainer = trainer_class(args.stage)(cfg)
+    except ConfigError as e:     # cross-section checks that need the models/tokenizer run at build time
+        print(f"rto-llm {args.stage}: config error: {e}", file=sys.stderr)
+        return 2
     trainer.train(stop_after=cfg.train.stop_after or None)
     return 0
 

@@ -1,0 +1,497 @@
+"""Rollouts: pure-sampling generation, the ``Experience`` record, and the no-grad passes that fill it.
+
+Layout of a rollout buffer (B rows)::
+
+    sequences   = [ left-padded prompt (width P) | response (width R), right-padded after the first EOS ]
+    attention   = [ 1 on real prompt tokens        | 1 on response tokens through the first EOS       ]
+    action_mask = the response half of ``attention`` (B, R): the tokens the policy chose
+
+Position ids always come from the attention mask (``position_ids_from_mask``), so the amount of left
+padding never changes a log-prob or a value (practice.md invariant 5).
+
+Forward convention (one helper, :func:`response_logits`, for every causal-LM role; pinned by tests):
+  - pi (actor during the update), pi_old (actor at rollout time) and pi_ref: ``log softmax(logits / T)``
+    at the rollout temperature T, so the PPO ratio and the KL compare the distributions that were
+    actually sampled from;
+  - the DPO implicit reward ``beta1 * (log pi_dpo - log pi_ref)``: both on the *unscaled* models
+    (T = 1), because DPO defines its implicit reward there. When T = 1 the two reference log-probs are
+    the same tensor; otherwise both come from the same reference forward pass (one pass, two
+    temperatures).
+  - the critic value of action y_t is read at the position of the token *before* y_t (the state s_t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rto_llm.data import pad_sequences
+from rto_llm.models import backbone, position_ids_from_mask, score_head, sequence_scores
+from rto_sim.core import (
+    apply_missing_eos_penalty,
+    compute_rto_rewards,
+    entropy_from_logits,
+    gather_logprobs,
+    get_advantage_estimator,
+    masked_whiten,
+    normalize_score,
+)
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# The record
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """One rollout buffer, grouped by RL meaning. B rows, P prompt columns, R response columns.
+
+    Everything is computed once, without grad, and never changes during the PPO epochs (invariant 14).
+    """
+
+    # -- tokens -------------------------------------------------------------------------------------
+    sequences: Tensor  # (B, P + R) long: left-padded prompt | response, PAD after the first EOS
+    attention_mask: Tensor  # (B, P + R) long: 1 on real prompt tokens and on actions
+    action_mask: Tensor  # (B, R) bool: response tokens through the first EOS (inclusive)
+    prompt_width: int  # P: response column t is sequence column P + t
+    has_eos: Tensor  # (B,) bool: the *response* contains EOS (the prompt is never inspected)
+    # -- policy and reference at the rollout temperature T ----------------------------------------
+    sample_logprobs: Tensor  # (B, R) log pi(y_t) recorded by the sampler (generation-time)
+    old_logprobs: Tensor  # (B, R) log pi_old(y_t), recomputed with a full forward pass (the PPO anchor)
+    ref_logprobs: Tensor  # (B, R) log pi_ref(y_t) at T (KL term)
+    entropy: Tensor  # (B, R) entropy of pi_old(. | s_t) at T (diagnostic)
+    # -- DPO token-reward inputs on the unscaled models (T = 1); None when the DPO term is off -----
+    dpo_logprobs: Tensor | None  # (B, R) log pi_dpo(y_t)
+    dpo_ref_logprobs: Tensor | None  # (B, R) log pi_ref(y_t) at T = 1 (None: same as ref_logprobs)
+    # -- critic ---------------------------------------------------------------------------------------
+    values: Tensor  # (B, R) V(s_t) from the rollout critic (zeros without a critic)
+    # -- sequence score R -------------------------------------------------------------------------
+    raw_scores: Tensor  # (B,) r_RM(x, y) as the reward model outputs it
+    scores: Tensor  # (B,) R = clip(normalize(r_RM), -c, c), or the missing-EOS penalty
+    # -- token rewards (rto_sim.core.compute_rto_rewards) ------------------------------------------
+    token_level_rewards: Tensor | None = None  # (B, R) r_t = -beta2 kl_t + dpo_t + [t = last] beta3 R
+    kl: Tensor | None = None  # (B, R) per-token KL estimate (kind kl.kind), not scaled by beta2
+    dpo_rewards: Tensor | None = None  # (B, R) DPO term as added to r_t (after clip and redistribution)
+    dpo_token_rewards: Tensor | None = None  # (B, R) clipped dense DPO reward before redistribution
+    score_rewards: Tensor | None = None  # (B, R) beta3 * R on the last valid token
+    kl_coef: float = 0.0  # beta2 used for this buffer
+    # -- advantages -----------------------------------------------------------------------------------
+    advantages_raw: Tensor | None = None  # (B, R) GAE / REINFORCE++ advantages before whitening
+    advantages: Tensor | None = None  # (B, R) advantages used by the policy loss (whitened by default)
+    returns: Tensor | None = None  # (B, R) value targets G_t
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def response_length(self) -> Tensor:
+        """(B,) number of actions (through the first EOS)."""
+        return self.action_mask.sum(-1)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """All tensor fields by name (None fields left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if torch.is_tensor(getattr(self, f.name))
+        }
+
+    def select(self, idx: Tensor) -> Experience:
+        """Rows ``idx`` (1-D long) of every tensor field; scalars are kept."""
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v[idx] if torch.is_tensor(v) else v
+        return Experience(**kw)
+
+    def trimmed(self) -> Experience:
+        """Drop prompt columns that are padding in every row and response columns after every EOS.
+
+        Log-probs and values do not depend on padding (position ids from the mask), so this only saves
+        compute in micro-batches.
+        """
+        P = self.prompt_width
+        prompt_real = self.attention_mask[:, :P].bool().any(0)
+        left = int(prompt_real.float().argmax()) if bool(prompt_real.any()) else P - 1
+        left = min(left, P - 1)  # keep at least one prompt column: the first action needs a context
+        resp_any = self.action_mask.any(0)
+        right = int(resp_any.nonzero().max()) + 1 if bool(resp_any.any()) else 1
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v) and v.dim() == 2:
+                if v.shape[1] == self.sequences.shape[1]:
+                    v = v[:, left : P + right]
+                else:
+                    v = v[:, :right]
+            kw[f.name] = v
+        kw["prompt_width"] = P - left
+        return Experience(**kw)
+
+    def to(self, device) -> Experience:
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in kw.items():
+            if torch.is_tensor(v):
+                kw[k] = v.to(device)
+        return Experience(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward helpers (one convention for every role)
+# ---------------------------------------------------------------------------------------------------
+
+
+def response_logits(model, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+    """``(B, R, V)`` logits predicting each response token: column t predicts ``sequences[:, P + t]``.
+
+    Next-token alignment: the logit at sequence position P + t - 1 predicts the token at P + t. Only the
+    last R + 1 positions go through the LM head (``logits_to_keep``) when the model supports it: the
+    prompt's logits are never needed, and with a large vocabulary they dominate the memory.
+    """
+    kw = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False)
+    keep = sequences.shape[1] - prompt_width + 1
+    try:
+        logits = model(**kw, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: compute them all
+        logits = model(**kw).logits
+    return logits[:, -keep:-1]
+
+
+def response_values(critic, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+    """``(B, R)`` critic values V(s_t), read at the position of the token before action y_t."""
+    hidden = backbone(critic)(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return score_head(critic)(hidden[:, prompt_width - 1 : -1]).squeeze(-1).float()
+
+
+def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep each response through its first EOS; PAD everything after it.
+
+    Args:
+        responses: ``(B, R)`` sampled tokens (rows that finished early may hold anything afterwards).
+        eos_id, pad_id: distinct token ids.
+
+    Returns:
+        ``(responses (B, R) with PAD after the first EOS, action_mask (B, R) bool, has_eos (B,) bool)``.
+        Only the response is inspected, never the prompt (a chat template may put EOS in the prompt).
+    """
+    is_eos = responses == eos_id
+    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
+    # Columns after a row's EOS hold PAD (written by the sampler or by chunk padding). A row without
+    # EOS ran to max_new_tokens, which is the buffer width, so it has no padding to mask.
+    action_mask = ~eos_before
+    out = torch.where(action_mask, responses, torch.full_like(responses, pad_id))
+    has_eos = (is_eos & action_mask).any(-1)
+    return out, action_mask, has_eos
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pure sampling from ``softmax(logits / T)`` with a KV cache (no top-k/top-p, no penalties).
+
+    The sampler is written out instead of calling ``model.generate`` so that nothing (a model's
+    ``generation_config.json`` with top_p 0.9, a default top_k of 50, a min-length processor) can
+    silently change the sampling distribution (practice.md invariant 4).
+
+    Args:
+        model: a causal LM (eval mode; dropout off).
+        prompts: token ids per prompt (unpadded).
+        pad_id, eos_id: distinct ids; finished rows are fed PAD with attention 0.
+        max_new_tokens: response budget.
+        temperature: T > 0.
+
+    Returns:
+        ``(prompt_ids (B, P) left-padded, prompt_mask (B, P), responses (B, R), sample_logprobs (B, R))``
+        with R <= max_new_tokens (generation stops when every row has emitted EOS, on every process),
+        PAD after each row's EOS and 0 log-prob there.
+    """
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences(prompts, pad_id, left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    B = ids.shape[0]
+    full_mask = mask
+    step_ids, step_pos = ids, position_ids_from_mask(mask)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    past = None
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids, attention_mask=full_mask, position_ids=step_pos, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        tok = torch.multinomial(logp.exp(), 1).squeeze(-1)  # (B,) pure sampling, global torch RNG
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        lp = torch.where(finished, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
+        tokens.append(tok)
+        logps.append(lp)
+        alive = (~finished).long()
+        finished = finished | (tok == eos_id)
+        full_mask = torch.cat([full_mask, alive.unsqueeze(-1)], dim=-1)
+        step_ids = tok.unsqueeze(-1)
+        step_pos = (full_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        done = finished.all().to(torch.int32)
+        if dist.is_initialized():  # ZeRO-3 needs every process in every forward pass
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if bool(done):
+            break
+    return ids, mask, torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the buffer
+# ---------------------------------------------------------------------------------------------------
+
+
+def layout(prompt_chunks: list[tuple[Tensor, Tensor]], response_chunks: list[Tensor], logp_chunks: list[Tensor],
+           pad_id: int, eos_id: int):
+    """Merge generation chunks into one buffer: prompts re-left-padded to a common P, responses
+    right-padded to a common R and truncated after the first EOS.
+
+    Returns:
+        ``(sequences (B, P+R), attention_mask (B, P+R), action_mask (B, R), has_eos (B,),
+        sample_logprobs (B, R), P)``.
+    """
+    P = max(p.shape[1] for p, _ in prompt_chunks)
+    R = max(r.shape[1] for r in response_chunks)
+    ids, pmask, resp, slp = [], [], [], []
+    for (p, m), r, lp in zip(prompt_chunks, response_chunks, logp_chunks):
+        b = p.shape[0]
+        ids.append(torch.cat([p.new_full((b, P - p.shape[1]), pad_id), p], 1))
+        pmask.append(torch.cat([m.new_zeros((b, P - m.shape[1])), m], 1))
+        resp.append(torch.cat([r, r.new_full((b, R - r.shape[1]), pad_id)], 1))
+        slp.append(torch.cat([lp, lp.new_zeros((b, R - lp.shape[1]))], 1))
+    responses, action_mask, has_eos = truncate_after_eos(torch.cat(resp), eos_id, pad_id)
+    sample_logprobs = torch.cat(slp) * action_mask
+    sequences = torch.cat([torch.cat(ids), responses], 1)
+    attention_mask = torch.cat([torch.cat(pmask), action_mask.long()], 1)
+    return sequences, attention_mask, action_mask, has_eos, sample_logprobs, P
+
+
+@dataclass
+class Roles:
+    """The models of a run. ``reference`` is the PPO pi_ref; with a LoRA-adapter DPO model it is the
+    peft model whose adapter is the DPO model (``adapter_off`` gives pi_ref)."""
+
+    actor: torch.nn.Module
+    reference: torch.nn.Module
+    reward_model: torch.nn.Module
+    critic: torch.nn.Module | None = None
+    dpo_model: torch.nn.Module | None = None  # full DPO model; None with an adapter or without DPO
+    dpo_adapter: bool = False  # True: pi_dpo = reference with its adapter on
+    dpo_reference: torch.nn.Module | None = None  # a separate DPO reference (only if really different)
+
+    def reference_context(self):
+        """Context in which ``reference`` computes pi_ref (adapter off when the DPO model is an adapter)."""
+        if self.dpo_adapter:
+            return self.reference.disable_adapter()
+        return _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def score_rollout(
+    roles: Roles,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    action_mask: Tensor,
+    prompt_width: int,
+    temperature: float,
+    forward_batch_size: int,
+    need_dpo: bool,
+) -> dict[str, Tensor]:
+    """All no-grad forward passes over the buffer, in micro-batches (trimmed per micro-batch).
+
+    Returns a dict with ``old_logprobs, ref_logprobs, entropy, values, raw_scores`` and, when
+    ``need_dpo``, ``dpo_logprobs`` and ``dpo_ref_logprobs`` (the latter None when T = 1 and the DPO
+    reference is the PPO reference: then it equals ``ref_logprobs``). All ``(B, R)`` except
+    ``raw_scores (B,)``; exactly 0 where ``action_mask`` is 0.
+    """
+    B, R = action_mask.shape
+    device = sequences.device
+    out = {k: torch.zeros(B, R, device=device) for k in ("old_logprobs", "ref_logprobs", "entropy", "values")}
+    out["raw_scores"] = torch.zeros(B, device=device)
+    separate_dpo_ref = need_dpo and (temperature != 1.0 or roles.dpo_reference is not None)
+    if need_dpo:
+        out["dpo_logprobs"] = torch.zeros(B, R, device=device)
+    if separate_dpo_ref:
+        out["dpo_ref_logprobs"] = torch.zeros(B, R, device=device)
+    dummy = _dummy_experience(sequences, attention_mask, action_mask, prompt_width)
+    for s in range(0, B, forward_batch_size):
+        idx = torch.arange(s, min(B, s + forward_batch_size), device=device)
+        mb = dummy.select(idx).trimmed()
+        seq, am, m, P = mb.sequences, mb.attention_mask, mb.action_mask, mb.prompt_width
+        r = m.shape[1]
+        fm = m.float()
+        logits = response_logits(roles.actor, seq, am, P)
+        out["old_logprobs"][idx, :r] = gather_logprobs(logits, seq[:, P:], temperature) * fm
+        out["entropy"][idx, :r] = entropy_from_logits(logits.float() / temperature) * fm
+        del logits
+        with roles.reference_context():
+            ref_logits = response_logits(roles.reference, seq, am, P)
+        out["ref_logprobs"][idx, :r] = gather_logprobs(ref_logits, seq[:, P:], temperature) * fm
+        if need_dpo:
+            if roles.dpo_reference is not None:
+                d_ref_logits = response_logits(roles.dpo_reference, seq, am, P)
+                out["dpo_ref_logprobs"][idx, :r] = gather_logprobs(d_ref_logits, seq[:, P:], 1.0) * fm
+            elif temperature != 1.0:
+                out["dpo_ref_logprobs"][idx, :r] = gather_logprobs(ref_logits, seq[:, P:], 1.0) * fm
+            dpo_model = roles.reference if roles.dpo_adapter else roles.dpo_model
+            dpo_logits = response_logits(dpo_model, seq, am, P)  # adapter on (the peft default)
+            out["dpo_logprobs"][idx, :r] = gather_logprobs(dpo_logits, seq[:, P:], 1.0) * fm
+            del dpo_logits
+        del ref_logits
+        if roles.critic is not None:
+            out["values"][idx, :r] = response_values(roles.critic, seq, am, P) * fm
+        out["raw_scores"][idx] = sequence_scores(roles.reward_model, seq, am)
+    return out
+
+
+def _dummy_experience(sequences, attention_mask, action_mask, P) -> Experience:
+    z = torch.zeros(action_mask.shape, device=sequences.device)
+    zb = torch.zeros(action_mask.shape[0], device=sequences.device)
+    return Experience(
+        sequences=sequences, attention_mask=attention_mask, action_mask=action_mask, prompt_width=P,
+        has_eos=zb.bool(), sample_logprobs=z, old_logprobs=z, ref_logprobs=z, entropy=z, dpo_logprobs=None,
+        dpo_ref_logprobs=None, values=z, raw_scores=zb, scores=zb,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Score, rewards, advantages (every equation from rto_sim.core)
+# ---------------------------------------------------------------------------------------------------
+
+
+def sequence_score(raw_scores: Tensor, has_eos: Tensor, rcfg, rm_mean: float, rm_std: float) -> Tensor:
+    """R = clip(normalize(r_RM), -c, c), then the missing-EOS penalty on completions without EOS.
+
+    Args:
+        raw_scores: ``(B,)`` reward-model outputs.
+        has_eos: ``(B,)`` from the response only.
+        rcfg: ``RewardOptions``.
+        rm_mean, rm_std: the RM's saved score statistics (used when ``rcfg.normalize``).
+    """
+    mean, std = (rm_mean, rm_std) if rcfg.normalize else (0.0, 1.0)
+    score = normalize_score(raw_scores.float(), mean, std, clip=rcfg.score_clip or None)
+    if rcfg.missing_eos_mode == "off":
+        return score
+    return apply_missing_eos_penalty(
+        score, has_eos, rcfg.missing_eos_penalty, subtract=rcfg.missing_eos_mode == "subtract"
+    )
+
+
+def delimiter_table(tokenizer, delimiters: str) -> Tensor:
+    """``(V,)`` bool: token ids whose text ends with one of the comma-separated ``delimiters``."""
+    delims = [d.replace("\\n", "\n") for d in delimiters.split(",") if d]
+    table = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i]).rstrip(" ")
+        table[i] = any(text.endswith(d) for d in delims) if text else False
+    return table
+
+
+def assemble_rewards(exp: Experience, kl_coef: float, rcfg, kl_kind: str, tcfg, delimiters: Tensor | None = None):
+    """Fill ``exp``'s reward fields with :func:`rto_sim.core.compute_rto_rewards` (RTO eq. 4.7).
+
+    Args:
+        exp: the buffer (scores and log-probs filled).
+        kl_coef: beta2 for this rollout (from the KL controller).
+        rcfg: ``RewardOptions`` (beta3).
+        kl_kind: ``"k1" | "k2" | "k3"``.
+        tcfg: ``RTOOptions`` (mode, beta1, dpo_clip).
+        delimiters: ``(V,)`` bool table (semi_rto only).
+    """
+    resp = exp.sequences[:, exp.prompt_width :]
+    delimiter_mask = delimiters.to(resp.device)[resp] if (tcfg.mode == "semi_rto" and delimiters is not None) else None
+    terms = compute_rto_rewards(
+        exp.scores,
+        exp.old_logprobs,
+        exp.ref_logprobs,
+        exp.action_mask,
+        beta2=kl_coef,
+        beta3=rcfg.beta3,
+        dpo_logprobs=exp.dpo_logprobs,
+        beta1=tcfg.beta1 if tcfg.uses_dpo else 0.0,
+        dpo_clip=tcfg.dpo_clip or None,
+        mode=tcfg.mode,
+        kl_kind=kl_kind,
+        delimiter_mask=delimiter_mask,
+        dpo_ref_logprobs=exp.dpo_ref_logprobs,
+    )
+    exp.token_level_rewards = terms.token_level_rewards
+    exp.kl = terms.kl
+    exp.dpo_rewards = terms.dpo_rewards
+    exp.dpo_token_rewards = terms.dpo_token_rewards
+    exp.score_rewards = terms.score_rewards
+    exp.kl_coef = terms.kl_coef
+    return terms
+
+
+def compute_advantages(exp: Experience, pcfg) -> None:
+    """Fill ``advantages_raw``, ``returns`` and ``advantages`` (whitened over the whole buffer).
+
+    Args:
+        exp: the buffer with ``token_level_rewards`` and ``values``.
+        pcfg: ``PPOOptions`` (estimator, gamma, lam, whiten_advantages).
+    """
+    estimator = get_advantage_estimator(pcfg.advantage_estimator)
+    adv, ret = estimator(exp.token_level_rewards, exp.values, exp.action_mask, gamma=pcfg.gamma, lam=pcfg.lam)
+    exp.advantages_raw, exp.returns = adv, ret
+    # REINFORCE++ already whitens its advantages; whitening twice would be a no-op.
+    if pcfg.whiten_advantages and pcfg.advantage_estimator == "gae":
+        exp.advantages = whiten_over_processes(adv, exp.action_mask)
+    else:
+        exp.advantages = adv
+
+
+def whiten_over_processes(x: Tensor, mask: Tensor) -> Tensor:
+    """:func:`rto_sim.core.masked_whiten` over the *whole* rollout buffer, also when it is split over
+    processes: every process gathers all rows (padded to a common width), whitens the full buffer with
+    the core function and keeps its own rows. One process: ``masked_whiten(x, mask)``.
+
+    Args:
+        x: ``(B_local, R_local)`` advantages of this process.
+        mask: ``(B_local, R_local)``.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return masked_whiten(x, mask)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = torch.tensor([x.shape[0], x.shape[1]], device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    B, R = max(int(s[0]) for s in shapes), max(int(s[1]) for s in shapes)
+    pad_x = torch.zeros(B, R, dtype=x.dtype, device=x.device)
+    pad_m = torch.zeros(B, R, dtype=x.dtype, device=x.device)  # float: gloo has no bool all_gather
+    pad_x[: x.shape[0], : x.shape[1]] = x
+    pad_m[: x.shape[0], : x.shape[1]] = mask.to(x.dtype)
+    xs, ms = [torch.zeros_like(pad_x) for _ in range(world)], [torch.zeros_like(pad_m) for _ in range(world)]
+    dist.all_gather(xs, pad_x)
+    dist.all_gather(ms, pad_m)
+    full = masked_whiten(torch.cat(xs), torch.cat(ms))  # (world * B, R)
+    return full[rank * B : rank * B + x.shape[0], : x.shape[1]]
