@@ -15,10 +15,12 @@ from pathlib import Path
 from rto_sim.experiments import run_experiment
 from rto_sim.results import config_hash
 
-from . import e0, e2
+from . import e0, e1, e2, e3, e5, e7, heatmap
 from .report import write_report
 
-FIGURES = {"E0": e0.draw, "E2": e2.draw}
+# experiment -> figure function(summary, out) -> paths; order = the paper's order of claims
+FIGURES = {"E0": e0.draw, "E2": e2.draw, "E1": e1.draw_e1, "E1b": e1.draw_e1b, "E3": e3.draw_e3, "E6": e3.draw_e6,
+           "E7": e7.draw, "E5": e5.draw}
 
 
 def ensure_results(name: str, out: Path, quick: bool) -> dict:
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results", help="results folder (experiments write OUT/<name>/)")
     ap.add_argument("--quick", action="store_true", help="reduced grids (a laptop minute)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of experiments")
+    ap.add_argument("--gallery", default=None, metavar="DIR",
+                    help="also copy the PNG figures into DIR (the README gallery is paper_figures/gallery)")
     ap.add_argument("--llm-logs", default=None, metavar="DIR",
                     help="also draw PPO vs RTO curves from rto_llm metrics.jsonl files below DIR")
     ap.add_argument("--report", default=None,
@@ -58,14 +62,24 @@ def main(argv=None) -> int:
         summaries[name] = summary
         timings[name] = time.perf_counter() - t1
         failed += [f"{name}:{k}" for k, c in summary["checks"].items() if c["verdict"] != "pass"]
+    if not args.only or "heatmap" in args.only:
+        for path in heatmap.draw(out, args.quick):
+            print(f"[heatmap] wrote {path}")
     if args.llm_logs:
         from .llm_logs import draw as draw_llm
 
         for path in draw_llm(Path(args.llm_logs), out):
             print(f"[llm] wrote {path}")
+    if args.gallery:
+        import shutil
+
+        Path(args.gallery).mkdir(parents=True, exist_ok=True)
+        for png in sorted((out / "figures").glob("*.png")):
+            shutil.copy(png, Path(args.gallery) / png.name)
     report = Path(args.report) if args.report else (
         out / "REPORT_quick.md" if args.quick else Path(__file__).parent / "REPORT.md")
     print(f"wrote {write_report(summaries, report, timings)}")
+    print("wall time per experiment (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"done in {time.perf_counter() - t0:.1f}s; checks not passing: {failed if failed else 'none'}")
     return 0
 

@@ -1,6 +1,7 @@
 """``rto-llm <stage> [--config run.yaml] [--resume [DIR]] [section.key=value ...]``
 
-Stages are registered in :data:`STAGES` (config class + trainer import path): sft, rm, dpo, ppo, rto. ``rto-llm <stage> --help`` lists every option with its default and documentation.
+Stages are registered in :data:`STAGES` (config class + trainer import path): sft, rm, dpo, ppo, rto.
+``rto-llm <stage> --help`` lists every option with its default and documentation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def trainer_class(stage: str) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rto-llm", description="RTO LLM trainer: SFT, reward model, DPO, PPO and RTO.")
+    parser = argparse.ArgumentParser(prog="rto-llm", description="RTO LLM trainer: SFT, RM, DPO, PPO and RTO.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, (cls, _) in STAGES.items():
         p = sub.add_parser(

@@ -126,7 +126,19 @@ def bad_cell(cell, rng_seed):
 
 
 def test_ray_backend(tmp_path):
-    pytest.importorskip("ray")
-    g = _grid(tmp_path)
-    a = run_sweep(noisy_cell, g, tmp_path / "ray", backend="ray", workers=2, progress=False)
+    ray = pytest.importorskip("ray")
+    import os
+
+    # the cell function lives in this test module: Ray workers must be able to import it
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        g = _grid(tmp_path)
+        a = run_sweep(noisy_cell, g, tmp_path / "ray", backend="ray", workers=2, progress=False)
+        b = run_sweep(noisy_cell, g, tmp_path / "serial", backend="serial", progress=False)
+    finally:
+        ray.shutdown()
     assert a.cell_hash.nunique() == 12 and cell_key(g.cells()[0]) in set(a.cell_hash)
+    key = ["cell_hash", "metric"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert np.array_equal(a["value"].to_numpy(), b["value"].to_numpy())

@@ -12,7 +12,7 @@ import importlib
 import time
 from pathlib import Path
 
-from ..results import atomic_write_json, claim_folder, config_hash, write_table
+from ..results import atomic_write_json, claim_folder, config_hash, single_thread_blas, write_table
 
 EXPERIMENTS = {
     "E0": "rto_sim.experiments.e0",     # exact identities (theory.md section 2)
@@ -49,7 +49,8 @@ def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "
     folder = Path(out) / name
     claim_folder(folder, cfg, overwrite=overwrite)
     t0 = time.perf_counter()
-    table, checks = mod.run(cfg, folder)
+    with single_thread_blas():
+        table, checks = mod.run(cfg, folder)
     wall = time.perf_counter() - t0
     table = table.assign(experiment=name, config_hash=config_hash(cfg))
     write_table(table, folder / "results", fmt)

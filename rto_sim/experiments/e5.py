@@ -1,0 +1,280 @@
+"""E5: reward-model overoptimization (theory.md S14; Gao et al. 2023; Coste et al. 2024).
+
+Per seed: a tree MDP (A = 3, H = 6, no EOS: K = 729 responses per prompt), a true token reward r* of class
+`reward_class` scaled so E_x Var_{pi_ref} R* = return_var, and N Bradley-Terry pairs from pi_ref (nested:
+the first N of the largest N). Proxies R_hat(y) fitted on the pairs:
+
+    token_mle   `fit_token_mle` on the true reward class (structured, d parameters), ridge `mle_ridge`
+    bandit      `fit_bandit_mle` (one value per response), ridge `bandit_ridge`
+    dpo         `fit_tabular_dpo` (beta_dpo, ridge `dpo_ridge`); proxy = sum_h beta log(pi_dpo/pi_ref)(y)
+                (the DPO implicit sequence reward; its per-prompt constant does not change the policies)
+    exact       R* itself (the control)
+
+Ensembles: `n_members` bootstrap resamples of the N pairs, one fit each; "worst" = min over members,
+"uwo" = mean - uw_k * std over members (uncertainty-weighted); "single" = the fit on all N pairs.
+
+Policies, all computed EXACTLY from the enumerated pi_ref (no sampling):
+    best-of-n   the law of argmax_proxy among n iid pi_ref samples: for the responses sorted by proxy,
+                G = pi_ref-mass of responses whose proxy is <= that of y, q(y) = (G^n - G_<^n) p(y) / p(group)
+                (ties broken uniformly among samples, so a tie group shares its mass in proportion to p);
+                n in bon_n
+    Gibbs       q ∝ pi_ref exp(R_hat / t), t in gibbs_t (the KL-regularized RL optimum at beta = t)
+For each: gold E_q R*, KL(q || pi_ref), sqrt(KL) (per prompt, averaged with rho).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..exact import enumerate_responses
+from ..features import draw_theta, make_features
+from ..mdp import TokenMDP
+from ..results import Check, single_thread_blas
+
+PROXIES = ("token_mle", "bandit", "dpo")
+ENSEMBLES = ("single", "worst", "uwo")
+
+
+def config(quick: bool) -> dict:
+    return {
+        "A": 3, "H": 6, "n_prompts": 1 if quick else 2, "reward_class": "bigram", "return_var": 0.25,
+        "N": [300, 3000] if quick else [300, 1000, 3000],
+        "proxies": ["token_mle", "bandit"] if quick else list(PROXIES),
+        "mle_ridge": 1e-3, "bandit_ridge": 0.01, "beta_dpo": 0.1, "dpo_ridge": 0.01,
+        "n_members": 5, "uw_k": 1.0,
+        "bon_n": [int(2**k) for k in range(0, 17)],
+        "gibbs_t": [float(t) for t in np.logspace(1, -2.5, 22)],
+        "seeds": 2 if quick else 20, "seed0": 0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact policies from a proxy ranking
+# ---------------------------------------------------------------------------------------------------
+
+
+def best_of_n_law(p: np.ndarray, proxy: np.ndarray, n: int) -> np.ndarray:
+    """Exact law of the best-of-n response under `proxy` for ONE prompt.
+
+    p: (K,) pi_ref(y | x) (sums to 1); proxy: (K,) R_hat(y); n >= 1. Returns q (K,). Ties in the proxy
+    are broken uniformly among the samples, so a tie group g gets (G_g^n - G_{g-1}^n) and shares it in
+    proportion to p, where G_g is the pi_ref-mass of the groups up to g in increasing proxy order."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    levels, group = np.unique(proxy, return_inverse=True)          # groups in increasing proxy order
+    mass = np.bincount(group, weights=p, minlength=len(levels))
+    G = np.minimum(np.cumsum(mass), 1.0)
+    G_prev = np.concatenate([[0.0], G[:-1]])
+    win = G**n - G_prev**n                                             # P(best sample lies in group g)
+    share = np.where(mass[group] > 0, p / np.where(mass[group] > 0, mass[group], 1.0), 0.0)
+    return win[group] * share
+
+
+def gibbs_law(logp: np.ndarray, proxy: np.ndarray, t: float) -> np.ndarray:
+    """q ∝ pi_ref exp(proxy / t) for ONE prompt (logp (K,) log pi_ref)."""
+    z = logp + proxy / t
+    z = z - z.max()
+    q = np.exp(z)
+    return q / q.sum()
+
+
+def _kl(q: np.ndarray, logp: np.ndarray) -> float:
+    m = q > 0
+    return float(np.sum(q[m] * (np.log(q[m]) - logp[m])))
+
+
+def sweep(logp_by_prompt, gold_by_prompt, proxy_by_prompt, rho, cfg) -> list[dict]:
+    """Gold, KL and sqrt(KL) of best-of-n and Gibbs policies of one proxy, averaged over prompts with rho."""
+    rows = []
+    for family, params in (("bon", cfg["bon_n"]), ("gibbs", cfg["gibbs_t"])):
+        for i, par in enumerate(params):
+            gold = kl = 0.0
+            for w, logp, g, s in zip(rho, logp_by_prompt, gold_by_prompt, proxy_by_prompt):
+                q = best_of_n_law(np.exp(logp), s, int(par)) if family == "bon" else gibbs_law(logp, s, par)
+                gold += w * float(q @ g)
+                kl += w * _kl(q, logp)
+            rows.append({"family": family, "step": i, "param": float(par), "gold": gold, "kl": max(kl, 0.0),
+                         "sqrt_kl": float(np.sqrt(max(kl, 0.0)))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# proxies
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fit_proxy(kind: str, data, mdp, phi, enum, cfg) -> np.ndarray:
+    """(rows of enum,) proxy R_hat(y) for every enumerated response."""
+    from ..learners import fit_bandit_mle, fit_tabular_dpo, fit_token_mle
+
+    if kind == "token_mle":
+        return fit_token_mle(data, phi, ridge=cfg["mle_ridge"]).returns(enum)
+    if kind == "bandit":
+        return fit_bandit_mle(data, mdp, ridge=cfg["bandit_ridge"]).returns(enum)
+    if kind == "dpo":
+        return fit_tabular_dpo(data, mdp, beta=cfg["beta_dpo"], ridge=cfg["dpo_ridge"]).returns(enum)
+    raise ValueError(f"proxy must be one of {PROXIES}, got {kind!r}")
+
+
+def _add_rows(ctx, proxy_all: np.ndarray, **keys) -> None:
+    """Append the tidy rows of `sweep` for one proxy (all enumerated responses) to ctx's row list."""
+    rows, logp, gold, split, rho, cfg, seed = ctx
+    for row in sweep(logp, gold, [proxy_all[i] for i in split], rho, cfg):
+        for metric in ("gold", "kl", "sqrt_kl"):
+            rows.append({**keys, "seed": seed, "family": row["family"], "step": row["step"],
+                         "param": row["param"], "metric": metric, "value": row[metric]})
+
+
+def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+    """Run the grid (see module docstring) with single-threaded BLAS (`rto_sim.results.single_thread_blas`)."""
+
+    with single_thread_blas():
+        return _run(cfg, folder)
+
+
+def _run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+    from ..preferences import sample_preferences
+
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    for k in range(cfg["seeds"]):
+        seed = cfg["seed0"] + k
+        mdp = TokenMDP.tree(cfg["A"], cfg["H"], n_prompts=cfg["n_prompts"], seed=40_000 + seed)
+        phi = make_features(mdp, cfg["reward_class"])
+        r_true = phi.token_reward(draw_theta(mdp, phi, return_var=cfg["return_var"], seed=50_000 + seed))
+        enum = enumerate_responses(mdp)
+        split = [np.flatnonzero(enum.prompt == x) for x in range(mdp.n_prompts)]
+        logp_all = enum.log_prob(mdp.log_pi_ref)
+        gold_all = enum.returns(r_true)
+        logp = [logp_all[i] for i in split]
+        gold = [gold_all[i] for i in split]
+
+        ctx = (rows, logp, gold, split, mdp.rho, cfg, seed)
+        _add_rows(ctx, gold_all, proxy="exact", N=0, ensemble="single")
+        full = sample_preferences(mdp, r_true, int(max(cfg["N"])), seed=60_000 + seed)
+        rng = np.random.default_rng(70_000 + seed)
+        for N in cfg["N"]:
+            data = full.subset(slice(0, int(N)))
+            boots = [rng.integers(0, int(N), size=int(N)) for _ in range(cfg["n_members"])]
+            for kind in cfg["proxies"]:
+                t0 = time.perf_counter()
+                single = _fit_proxy(kind, data, mdp, phi, enum, cfg)
+                members = np.stack([_fit_proxy(kind, data.subset(b), mdp, phi, enum, cfg) for b in boots])
+                fit_s = time.perf_counter() - t0
+                _add_rows(ctx, single, proxy=kind, N=int(N), ensemble="single")
+                _add_rows(ctx, members.min(axis=0), proxy=kind, N=int(N), ensemble="worst")
+                uwo = members.mean(axis=0) - cfg["uw_k"] * members.std(axis=0, ddof=1)
+                _add_rows(ctx, uwo, proxy=kind, N=int(N), ensemble="uwo")
+                rows.append({"proxy": kind, "N": int(N), "ensemble": "fit", "seed": seed, "family": "timing",
+                             "step": 0, "param": 0.0, "metric": "fit_s", "value": fit_s})
+    df = pd.DataFrame(rows)
+    checks = _checks(cfg, df)
+    wall = pd.DataFrame([{"family": "timing", "metric": "wall_s", "value": time.perf_counter() - t_start}])
+    df = pd.concat([df, wall], ignore_index=True)
+    return df, checks
+
+
+# ---------------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ci(x) -> tuple[float, float, float]:
+    x = np.asarray(x, float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - h, m + h
+
+
+def _fmt(ci) -> str:
+    return f"{ci[0]:.4f} [{ci[1]:.4f}, {ci[2]:.4f}]"
+
+
+def curve_summary(df: pd.DataFrame, proxy: str, N: int, ensemble: str, family: str) -> dict:
+    """Peak of the seed-mean gold curve: step, sqrt(KL) and gold at the peak, and the fall from the peak to
+    the strongest optimization (last step), with a 95% CI over seeds (paired)."""
+    d = df[(df.proxy == proxy) & (df.N == N) & (df.ensemble == ensemble) & (df.family == family)]
+    g = d[d.metric == "gold"].pivot(index="seed", columns="step", values="value")
+    s = d[d.metric == "sqrt_kl"].pivot(index="seed", columns="step", values="value")
+    mean = g.mean(axis=0)
+    peak = int(mean.idxmax())
+    last = int(mean.index.max())
+    fall = g[peak] - g[last]
+    return {"peak_step": peak, "peak_sqrt_kl": float(s[peak].mean()), "peak_gold": float(mean[peak]),
+            "end_gold": float(mean[last]), "end_sqrt_kl": float(s[last].mean()), "fall": _ci(fall.to_numpy()),
+            "rise": float(mean[peak] - mean[0])}
+
+
+def _checks(cfg: dict, df: pd.DataFrame) -> dict:
+    checks: dict[str, Check] = {}
+    # exact proxy: gold monotone in sqrt(KL) along both families
+    worst_step, worst_kl = np.inf, np.inf
+    for family in ("bon", "gibbs"):
+        d = df[(df.proxy == "exact") & (df.family == family)]
+        for _, grp in d.groupby("seed"):
+            g = grp[grp.metric == "gold"].sort_values("step")["value"].to_numpy()
+            s = grp[grp.metric == "sqrt_kl"].sort_values("step")["value"].to_numpy()
+            worst_step = min(worst_step, float(np.diff(g).min()))
+            worst_kl = min(worst_kl, float(np.diff(s).min()))
+    tol = 1e-9
+    checks["S14_exact"] = Check(
+        quantity="min increment of gold (and of sqrt KL) between consecutive optimization strengths, exact proxy",
+        predicted=">= 0 (gold rises monotonically in sqrt(KL))",
+        measured={"min_gold_increment": worst_step, "min_sqrt_kl_increment": worst_kl}, tolerance=-tol,
+        verdict="pass" if worst_step >= -tol and worst_kl >= -tol else "fail",
+        note=f"best-of-n n in 1..{max(cfg['bon_n'])} and Gibbs t in {cfg['gibbs_t'][0]:.3g}..{cfg['gibbs_t'][-1]:.3g}; "
+             f"{cfg['seeds']} seeds; exact laws from the enumerated pi_ref")
+    # finite-N proxies: rise then fall, peak right and up with N
+    for kind in cfg["proxies"]:
+        for family in ("bon", "gibbs"):
+            summ = {N: curve_summary(df, kind, N, "single", family) for N in cfg["N"]}
+            falls = all(v["fall"][1] > 0 if np.isfinite(v["fall"][1]) else v["fall"][0] > 0 for v in summ.values())
+            rises = all(v["rise"] > 0 for v in summ.values())
+            Ns = sorted(summ)
+            right = all(summ[b]["peak_sqrt_kl"] >= summ[a]["peak_sqrt_kl"] for a, b in zip(Ns, Ns[1:]))
+            up = all(summ[b]["peak_gold"] >= summ[a]["peak_gold"] for a, b in zip(Ns, Ns[1:]))
+            verdict = "pass" if (falls and rises and right and up) else "fail"
+            measured = {f"N={N}": {"peak_sqrt_kl": round(v["peak_sqrt_kl"], 4), "peak_gold": round(v["peak_gold"], 4),
+                                   "end_gold": round(v["end_gold"], 4), "fall": _fmt(v["fall"])}
+                        for N, v in summ.items()}
+            measured.update({"rises": rises, "falls_significantly": falls, "peak_moves_right": right,
+                             "peak_moves_up": up})
+            last = f"n = {max(cfg['bon_n'])}" if family == "bon" else f"t = {cfg['gibbs_t'][-1]:.3g}"
+            checks[f"S14_{kind}_{family}"] = Check(
+                quantity=f"{kind} proxy, {family}: seed-mean gold vs sqrt(KL) -- rise, fall from the peak to the "
+                         "strongest optimization, peak position vs N",
+                predicted="rises then falls (fall > 0); peak sqrt(KL) and peak gold non-decreasing in N",
+                measured=measured, tolerance="95% CI of the fall excludes 0", verdict=verdict,
+                note=f"{cfg['seeds']} seeds; fall = gold at the seed-mean peak minus gold at the last step "
+                     f"({last}), "
+                     "paired over seeds")
+    # ensembles flatten the fall
+    for ens in ("worst", "uwo"):
+        per_seed = []
+        cells = {}
+        for kind in cfg["proxies"]:
+            for family in ("bon", "gibbs"):
+                for N in cfg["N"]:
+                    d = df[(df.proxy == kind) & (df.N == N) & (df.family == family) & (df.metric == "gold")]
+                    piv = d.pivot_table(index=["seed", "ensemble"], columns="step", values="value")
+                    last = max(piv.columns)
+                    drop = piv.max(axis=1) - piv[last]               # per-seed own-peak minus end
+                    diff = drop.xs("single", level="ensemble") - drop.xs(ens, level="ensemble")
+                    cells[f"{kind}/{family}/N={N}"] = round(float(diff.mean()), 4)
+                    per_seed.append(diff)
+        avg = pd.concat(per_seed, axis=1).mean(axis=1)
+        m, lo, hi = _ci(avg.to_numpy())
+        verdict = "pass" if lo > 0 else ("fail" if hi < 0 or m <= 0 else "inconclusive")
+        checks[f"S14_ensemble_{ens}"] = Check(
+            quantity=f"fall(single) - fall({ens} ensemble of {cfg['n_members']}), fall = own peak gold - gold at the "
+                     "strongest optimization, averaged over proxies/families/N per seed",
+            predicted="> 0 (ensembles flatten the fall)", measured={"mean": m, "ci95": [lo, hi], "cells": cells},
+            tolerance="95% CI excludes 0", verdict=verdict,
+            note=f"{cfg['seeds']} seeds; bootstrap members; uwo k = {cfg['uw_k']}")
+    return checks

@@ -1,0 +1,573 @@
+"""Practical RTO in the simulator: PPO on tabular softmax policies over a TokenMDP (theory.md section 8,
+practice.md sections 1-2, experiment E7).
+
+The training loop mirrors the LLM trainer tensor for tensor. Per PPO update:
+
+    1. generate   B episodes x ~ rho, y ~ pi_old from a vectorized gymnasium env -> (B, H) tokens, mask
+    2. log-probs  log pi_old, log pi_ref, log pi_dpo (tabular look-ups), critic values V(s_t)
+    3. score      R = r_RM(x, y): the sentence reward-model score of the whole response (placed at the
+                  last valid token by the core)
+    4. rewards    r_t = -beta2 k1_t + redistribute(clip(beta1 (log pi_dpo - log pi_ref)(y_t), -c, c))
+                        + [t = last] beta3 R          -> rto_sim.core.compute_rto_rewards (ONLY there)
+    5. advantages GAE (gamma 1, lambda 0.95) -> core.gae_advantages, then whitening over the buffer
+                  (core.masked_whiten); or REINFORCE++ (core.reinforce_plus_plus_advantages, no critic)
+    6. PPO epochs shuffled minibatches of episodes: core.ppo_policy_loss + core.value_loss, Adam
+    7. evaluate   exact J_beta2(pi; r*) with the TRUE token reward r*, gold return E_pi r*(y) and
+                  KL(pi || pi_ref) by `rto_sim.exact.evaluate` (the policy is tabular, so this is exact)
+
+"True objective". We report J_true = E_x[E_pi r*(y) - beta2 KL(pi(.|x) || pi_ref(.|x))], i.e. the
+KL-regularized objective with the TRUE reward r* and the KL coefficient beta2 that PPO itself uses.
+This is the objective that PPO with an exact sentence reward (mode "ppo", beta3 = 1) maximizes. RTO
+adds beta1 * (DPO implicit reward), which on its own approximates (beta1 / beta_dpo) * r* plus a
+potential: the RTO reward therefore approximates (beta3 + beta1 / beta_dpo) r*, whose optimum at KL
+coefficient beta2 is pi*_{beta2 / (beta3 + beta1/beta_dpo)} (less regularized than pi*_{beta2}). The
+gold return and the KL are recorded next to J_true so that both readings are available.
+
+Layout (mirrors the LLM side): every per-episode tensor is (B, H) over response tokens; `mask` is True
+on generated tokens through the first EOS (inclusive) and False on the EOS-absorbing remainder.
+Episodes run in lockstep for H steps: after EOS the MDP is absorbing (pi = pi_ref = delta_EOS, zero
+reward, zero KL) and those steps are masked out, exactly like right padding on the LLM side.
+
+Reward schemes (`SCHEMES`):
+    "ppo"             sparse sentence RM score at the last valid token, KL penalty per token
+    "rto"             + dense DPO token reward (RTO eq. 4.7)
+    "semi_rto"        DPO rewards summed per segment and paid at the segment's delimiter token.
+                      Delimiters: every `segment_length`-th response token (positions L, 2L, ...; 1-based),
+                      or, if `delimiter_token` is set, every occurrence of that token id; the tokens after
+                      the last delimiter form a segment ending at the last valid token.
+    "ddpo"            all DPO rewards delayed to the last valid token
+    "rs_ppo"          dense DPO rewards minus their (clipped) sum at the last valid token
+    "rto_reinforce++" the "rto" reward with REINFORCE++ advantages (no critic)
+
+Policies: `TabularPolicy` holds one logit per (layer, state, token), initialized at log pi_ref;
+`TabularCritic` one value per (layer, state), initialized at 0. Both are float64 torch modules.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from . import core
+from .exact import enumerate_responses, evaluate
+from .mdp import Layered, TokenMDP
+
+SCHEMES = ("ppo", "rto", "semi_rto", "ddpo", "rs_ppo", "rto_reinforce++")
+_NEG = -1e9           # logit of tokens pi_ref forbids (exp underflows to exactly 0 in float64)
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vectorized gymnasium environment
+# ---------------------------------------------------------------------------------------------------
+
+
+class TokenMDPVectorEnv(gym.vector.VectorEnv):
+    """`num_envs` episodes of a TokenMDP stepped together with numpy (no Python loop over episodes).
+
+    Observation: the flat state index offsets[h] + s (int64, shape (num_envs,)); action: a token id
+    (num_envs,). Every episode lasts exactly H steps: after EOS the state is absorbing (zero reward,
+    zero KL, masked out), so the B episodes stay in lockstep like right-padded LLM responses.
+    `terminated` is True for all envs at step H (next-step autoreset afterwards).
+    Reward: the token reward `reward[h][s, a]` if a `reward` table is given (diagnostics only; PPO's
+    rewards are assembled by `rto_sim.core.compute_rto_rewards`), else 0.
+    info: "layer" h, "state" (num_envs,) layer-wise index s_h, "valid" (num_envs,) bool (the token is
+    generated before or at the first EOS), "log_pi_ref" (num_envs,) log pi_ref(a | s); reset info:
+    "prompt", "state", "layer".
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, mdp: TokenMDP, num_envs: int, reward: Layered | None = None):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        self.mdp = mdp
+        self.num_envs = int(num_envs)
+        self.reward = None if reward is None else mdp.check_reward(reward)
+        self.offsets = mdp.flat_offsets()
+        self.single_observation_space = gym.spaces.Discrete(int(self.offsets[-1]))
+        self.single_action_space = gym.spaces.Discrete(mdp.A)
+        self.observation_space = gym.spaces.MultiDiscrete(np.full(self.num_envs, int(self.offsets[-1])))
+        self.action_space = gym.spaces.MultiDiscrete(np.full(self.num_envs, mdp.A))
+        self._h = 0
+        self._s = np.zeros(self.num_envs, np.int64)
+        self._alive = np.ones(self.num_envs, bool)
+        self._prompt = np.zeros(self.num_envs, np.int64)
+        self._needs_reset = True
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if options and "prompt" in options:
+            prompt = np.asarray(options["prompt"], np.int64)
+            if prompt.shape != (self.num_envs,):
+                raise ValueError(f"options['prompt'] must have shape ({self.num_envs},), got {prompt.shape}")
+        else:
+            prompt = self.np_random.choice(self.mdp.n_prompts, size=self.num_envs, p=self.mdp.rho)
+        self._prompt = prompt.astype(np.int64)
+        self._h, self._s = 0, self._prompt.copy()
+        self._alive = np.ones(self.num_envs, bool)
+        self._needs_reset = False
+        return self.offsets[0] + self._s, {"prompt": self._prompt.copy(), "state": self._s.copy(), "layer": 0}
+
+    def step(self, actions):
+        if self._needs_reset:            # next-step autoreset: this call only resets
+            obs, info = self.reset()
+            z = np.zeros(self.num_envs)
+            return obs, z, z.astype(bool), z.astype(bool), info
+        a = np.asarray(actions, dtype=np.int64)
+        if a.shape != (self.num_envs,) or np.any((a < 0) | (a >= self.mdp.A)):
+            raise ValueError(f"actions must be {self.num_envs} token ids in [0, {self.mdp.A})")
+        h, s = self._h, self._s
+        valid = self._alive.copy()
+        r = np.zeros(self.num_envs) if self.reward is None else np.where(valid, self.reward[h][s, a], 0.0)
+        info = {"layer": h, "state": s.copy(), "valid": valid, "log_pi_ref": self.mdp.log_pi_ref[h][s, a]}
+        if self.mdp.eos is not None:
+            self._alive &= a != self.mdp.eos
+        done = h == self.mdp.H - 1
+        if done:
+            self._needs_reset = True
+            obs = self.offsets[h] + s
+        else:
+            self._s = self.mdp.next_state[h][s, a]
+            self._h = h + 1
+            obs = self.offsets[h + 1] + self._s
+        term = np.full(self.num_envs, done)
+        return obs, r, term, np.zeros(self.num_envs, bool), info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tabular actor and critic
+# ---------------------------------------------------------------------------------------------------
+
+
+class TabularPolicy(torch.nn.Module):
+    """Softmax policy with one logit per (layer, state, token): pi(a | s) = softmax(logits[flat(s)])_a.
+
+    logits: parameter (S, A) with S = sum_h n_h, initialized at log pi_ref (or `init_log_policy`);
+    tokens with pi_ref(a|s) = 0 get a fixed -1e9 (probability exactly 0, no gradient).
+    """
+
+    def __init__(self, mdp: TokenMDP, init_log_policy: Layered | None = None):
+        super().__init__()
+        self.mdp = mdp
+        self.offsets = mdp.flat_offsets()
+        init = mdp.log_pi_ref if init_log_policy is None else init_log_policy
+        lp = np.concatenate([np.asarray(x, float) for x in init], axis=0)
+        allowed = np.concatenate(mdp.log_pi_ref, axis=0) > -np.inf
+        self.register_buffer("allowed", torch.as_tensor(allowed))
+        self.logits = torch.nn.Parameter(torch.as_tensor(np.where(allowed & np.isfinite(lp), lp, 0.0), dtype=DTYPE))
+
+    def log_probs_all(self, flat_states: torch.Tensor) -> torch.Tensor:
+        """(..., A) log pi(. | s) for flat state indices of any shape."""
+        z = torch.where(self.allowed[flat_states], self.logits[flat_states], torch.full((), _NEG, dtype=DTYPE))
+        return torch.log_softmax(z, dim=-1)
+
+    def log_probs(self, flat_states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, T) log pi(a_t | s_t); logits gathered then `core.gather_logprobs` (temperature 1)."""
+        z = torch.where(self.allowed[flat_states], self.logits[flat_states], torch.full((), _NEG, dtype=DTYPE))
+        return core.gather_logprobs(z, actions)
+
+    @torch.no_grad()
+    def layered_log_policy(self) -> Layered:
+        """log pi as a layered list of (n_h, A) numpy arrays (absorbing rows forced to delta_EOS)."""
+        lp = self.log_probs_all(torch.arange(int(self.offsets[-1]))).numpy()
+        out = [lp[self.offsets[h]:self.offsets[h + 1]].copy() for h in range(self.mdp.H)]
+        for h, x in enumerate(out):
+            x[x <= _NEG / 2] = -np.inf
+            if self.mdp.absorbing[h].any():
+                x[self.mdp.absorbing[h]] = -np.inf
+                x[self.mdp.absorbing[h], self.mdp.eos] = 0.0
+        return out
+
+    def layered_policy(self) -> Layered:
+        """pi as a layered list of (n_h, A) numpy arrays."""
+        return [np.exp(x) for x in self.layered_log_policy()]
+
+
+class TabularCritic(torch.nn.Module):
+    """One value per (layer, state): V(s) = values[flat(s)], initialized at 0 (V after the last token is 0)."""
+
+    def __init__(self, mdp: TokenMDP):
+        super().__init__()
+        self.values = torch.nn.Parameter(torch.zeros(int(mdp.flat_offsets()[-1]), dtype=DTYPE))
+
+    def forward(self, flat_states: torch.Tensor) -> torch.Tensor:
+        return self.values[flat_states]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and rollout record
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """PPO / RTO hyper-parameters for the tabular simulator (paper values in brackets where they exist).
+
+    scheme: reward scheme, one of SCHEMES (default "rto").
+    beta1: DPO token-reward scale beta1 >= 0 [0.05]. beta2: KL coefficient beta2 > 0 (also the beta of
+    the true objective J_true) [0.01; default here 0.05 to keep the tabular optimum at a moderate KL].
+    beta3: RM score scale [1]. dpo_clip: per-token clip c of the DPO reward, None = off [0.05].
+    kl_kind: "k1" (default). segment_length / delimiter_token: Semi-RTO delimiters (module docstring).
+    n_updates: PPO updates (rollout + epochs) [default 40]. batch_size: episodes per rollout B [256].
+    ppo_epochs [1 in the paper; default 4]. n_minibatches per epoch [8 in the paper; default 4].
+    lr_actor [5e-7 for an LLM; 0.05 for tabular logits], lr_critic [0.1], clip_eps [0.2],
+    value_clip [0.2; None = off], vf_coef [0.5], gamma [1.0], lam [0.95], whiten_advantages [True],
+    max_grad_norm [1.0; None = off], seed [0]. num_threads: torch intra-op threads during `train`
+    (default 1, restored afterwards: the tensors are tiny and thread hand-offs cost ~10x on a shared CPU;
+    None leaves torch's setting alone). optimizer: "adam" (default; betas (0.9, 0.999)) or "sgd" (plain
+    gradient steps: the update size then scales with the advantage magnitudes, which Adam normalizes away).
+    """
+
+    scheme: str = "rto"
+    beta1: float = 0.05
+    beta2: float = 0.05
+    beta3: float = 1.0
+    dpo_clip: float | None = None
+    kl_kind: str = "k1"
+    segment_length: int = 2
+    delimiter_token: int | None = None
+    n_updates: int = 40
+    batch_size: int = 256
+    ppo_epochs: int = 4
+    n_minibatches: int = 4
+    lr_actor: float = 0.05
+    lr_critic: float = 0.1
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    num_threads: int | None = 1
+    optimizer: str = "adam"
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        for name in ("beta1", "beta3"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.beta2 > 0:
+            raise ValueError(f"beta2 must be > 0 (it is also the beta of the true objective), got {self.beta2}")
+        if self.dpo_clip is not None and self.dpo_clip <= 0:
+            raise ValueError(f"dpo_clip must be > 0 or None, got {self.dpo_clip}")
+        for name in ("n_updates", "batch_size", "ppo_epochs", "n_minibatches", "segment_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < self.n_minibatches:
+            raise ValueError(f"batch_size ({self.batch_size}) must be >= n_minibatches ({self.n_minibatches})")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not (0 <= self.lam <= 1 and 0 < self.gamma <= 1):
+            raise ValueError(f"need 0 <= lam <= 1 and 0 < gamma <= 1, got lam={self.lam}, gamma={self.gamma}")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.scheme != "rto_reinforce++"
+
+    @property
+    def reward_mode(self) -> str:
+        """The `core.compute_rto_rewards` mode of this scheme."""
+        return "rto" if self.scheme == "rto_reinforce++" else self.scheme
+
+
+@dataclass
+class Rollout:
+    """One rollout buffer. Every tensor is (B, H) over response tokens unless stated."""
+
+    prompt: torch.Tensor          # (B,) prompt index
+    flat_states: torch.Tensor     # (B, H) flat state index of s_t (offsets[h] + s)
+    actions: torch.Tensor         # (B, H) tokens y_t
+    mask: torch.Tensor            # (B, H) bool, generated tokens through the first EOS
+    logprobs: torch.Tensor        # (B, H) log pi_old(y_t)
+    ref_logprobs: torch.Tensor    # (B, H) log pi_ref(y_t)
+    dpo_logprobs: torch.Tensor | None   # (B, H) log pi_dpo(y_t) (None when the scheme has no DPO term)
+    values: torch.Tensor | None   # (B, H) V_old(s_t) (None without critic)
+    score: torch.Tensor           # (B,) sentence RM score R = r_RM(x, y)
+    delimiter_mask: torch.Tensor  # (B, H) bool Semi-RTO delimiters
+    terms: core.RewardTerms | None = None   # token-level rewards and their parts
+    advantages: torch.Tensor | None = None  # (B, H)
+    returns: torch.Tensor | None = None     # (B, H)
+
+
+def delimiter_mask(actions: np.ndarray, segment_length: int = 2, delimiter_token: int | None = None) -> np.ndarray:
+    """(B, H) bool Semi-RTO delimiters: token == delimiter_token if given, else every
+    `segment_length`-th position (1-based positions L, 2L, ...)."""
+    actions = np.asarray(actions)
+    if delimiter_token is not None:
+        return actions == delimiter_token
+    pos = np.arange(actions.shape[1]) + 1
+    return np.broadcast_to(pos % segment_length == 0, actions.shape).copy()
+
+
+def _gather_layered(layered: Layered, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """(B, H) layered[h][s_h, a_h]."""
+    return np.stack([layered[h][states[:, h], actions[:, h]] for h in range(states.shape[1])], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact-planning reward tables of each scheme (S12), built through the core
+# ---------------------------------------------------------------------------------------------------
+
+
+def scheme_reward_table(mdp: TokenMDP, scheme: str, rm_reward: Layered, log_pi_dpo: Layered | None,
+                        beta1: float, beta3: float = 1.0, dpo_clip: float | None = None, segment_length: int = 2,
+                        delimiter_token: int | None = None) -> tuple[Layered, float]:
+    """The token reward table r_scheme(s, a) (without the KL term, which is soft_bellman's beta = beta2)
+    of a reward scheme, built by running `core.compute_rto_rewards` on EVERY enumerated response and
+    scattering the (N, H) per-token rewards back onto (state, token).
+
+    The sentence RM score of a response is R(y) = sum_h rm_reward[h][s_h, a_h].
+    Returns (table, spread): spread = max over (s, a) of the disagreement between responses that share
+    (s, a). On a tree every causal redistribution is a function of the prefix, so spread = 0; on an
+    aggregated automaton Semi-RTO / DDPO / RS-PPO depend on the path and spread > 0: the scheme is not
+    a Markov reward on those states (the table then holds the mean over responses, for information).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    mode = "rto" if scheme == "rto_reinforce++" else scheme
+    enum = enumerate_responses(mdp)
+    H = mdp.H
+    mask = np.arange(H)[None, :] < enum.length[:, None]
+    rm = mdp.check_reward(rm_reward)
+    score = np.where(mask, enum.gather(rm), 0.0).sum(axis=1)
+    ref = np.where(mask, enum.gather(mdp.log_pi_ref), 0.0)
+    dpo = None
+    if mode != "ppo" and beta1 > 0:
+        if log_pi_dpo is None:
+            raise ValueError("log_pi_dpo is required for this scheme when beta1 > 0")
+        dpo = torch.as_tensor(np.where(mask, enum.gather(log_pi_dpo), 0.0), dtype=DTYPE)
+    t = lambda x: torch.as_tensor(x, dtype=DTYPE)  # noqa: E731
+    terms = core.compute_rto_rewards(
+        t(score), t(ref), t(ref), torch.as_tensor(mask), beta2=0.0, beta3=beta3, dpo_logprobs=dpo, beta1=beta1,
+        dpo_clip=dpo_clip, mode=mode,
+        delimiter_mask=torch.as_tensor(delimiter_mask(enum.actions, segment_length, delimiter_token)))
+    r = terms.token_level_rewards.numpy()
+    table, spread = [], 0.0
+    for h in range(H):
+        n = mdp.n_states[h]
+        m = mask[:, h]
+        key = enum.states[m, h] * mdp.A + enum.actions[m, h]
+        hi = np.full(n * mdp.A, -np.inf)
+        lo = np.full(n * mdp.A, np.inf)
+        np.maximum.at(hi, key, r[m, h])
+        np.minimum.at(lo, key, r[m, h])
+        tot = np.bincount(key, weights=r[m, h], minlength=n * mdp.A)
+        cnt = np.bincount(key, minlength=n * mdp.A)
+        seen = cnt > 0
+        if seen.any():
+            spread = max(spread, float((hi[seen] - lo[seen]).max()))
+        table.append(np.where(seen, tot / np.maximum(cnt, 1), 0.0).reshape(n, mdp.A))
+    return mdp.check_reward(table), spread
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOResult:
+    """curve: one dict per evaluation (update 0 = the initial policy pi_ref) with the exact J_true,
+    gold_return, kl_ref, rm_return, dpo_reward (E_pi of the clipped beta1 DPO reward sum) and, for updates
+    >= 1, rollout statistics: score_mean, seq_kl_k1, dpo_reward_sampled, response_length, pg_loss, vf_loss,
+    clipfrac, approxkl, ratio_first (max |rho - 1| on the first minibatch: exactly 0), explained_variance.
+    policy / critic: trained modules; config: the PPOConfig as a dict; wall_time_s."""
+
+    curve: list = field(default_factory=list)
+    policy: TabularPolicy | None = None
+    critic: TabularCritic | None = None
+    config: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+
+class TabularPPOTrainer:
+    """PPO with the RTO reward on a tabular policy (module docstring gives the numbered loop).
+
+    Args:
+        mdp: the TokenMDP; pi_ref = mdp.pi_ref.
+        true_reward: layered r*(s, a) (n_h, A), used ONLY for exact evaluation.
+        rm_reward: layered token table whose trajectory sum is the sentence RM score r_RM(x, y)
+            (a fitted token MLE, a bandit fit on terminal features, or r* itself for an exact RM).
+        log_pi_dpo: layered log pi_dpo (the DPO policy, trained against pi_ref); needed when the
+            scheme has a DPO term and beta1 > 0.
+        config: PPOConfig.
+    """
+
+    def __init__(self, mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None,
+                 config: PPOConfig):
+        self.mdp, self.cfg = mdp, config
+        self.true_reward = mdp.check_reward(true_reward)
+        self.rm_reward = mdp.check_reward(rm_reward)
+        self.uses_dpo = config.reward_mode != "ppo" and config.beta1 > 0
+        if self.uses_dpo and log_pi_dpo is None:
+            raise ValueError(f"log_pi_dpo is required for scheme={config.scheme!r} with beta1 > 0")
+        self.log_pi_dpo = log_pi_dpo
+        self.offsets = mdp.flat_offsets()
+        self.rng = np.random.default_rng(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.env = TokenMDPVectorEnv(mdp, config.batch_size)
+        self.policy = TabularPolicy(mdp)
+        # pi_ref is a frozen copy of the initial policy (as on the LLM side), so at initialization
+        # log pi_old and log pi_ref are bit-identical and the k1 KL reward is exactly 0.
+        self.ref_policy = TabularPolicy(mdp).requires_grad_(False)
+        self.critic = TabularCritic(mdp) if config.uses_critic else None
+        opt = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+        self.opt_actor = opt(self.policy.parameters(), lr=config.lr_actor)
+        self.opt_critic = opt(self.critic.parameters(), lr=config.lr_critic) if self.critic else None
+        flat = lambda layered: torch.as_tensor(np.concatenate(layered, axis=0), dtype=DTYPE)  # noqa: E731
+        self._dpo_flat = flat(log_pi_dpo) if self.uses_dpo else None
+        self._rm = self.rm_reward
+        dpo_table = None
+        if log_pi_dpo is not None and config.beta1 > 0:
+            from .exact import rto_reward_table
+            dpo_table = rto_reward_table(mdp, None, log_pi_dpo, beta1=config.beta1, beta3=0.0, clip=config.dpo_clip)
+        self._dpo_table = dpo_table
+
+    # 1. generate ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Sample B episodes from pi_old through the vector env. Returns prompt (B,), states (B, H)
+        layer-wise, actions (B, H), mask (B, H)."""
+        B, H = self.cfg.batch_size, self.mdp.H
+        states, actions, mask = (np.zeros((B, H), np.int64), np.zeros((B, H), np.int64), np.zeros((B, H), bool))
+        obs, info = self.env.reset(seed=int(self.rng.integers(2**31)))
+        prompt = info["prompt"]
+        for h in range(H):
+            p = torch.exp(self.policy.log_probs_all(torch.as_tensor(obs))).numpy()    # (B, A)
+            cdf = np.cumsum(p, axis=1)
+            u = self.rng.random(B)[:, None] * cdf[:, -1:]
+            a = np.minimum((u > cdf).sum(axis=1), self.mdp.A - 1)
+            obs, _, _, _, info = self.env.step(a)
+            states[:, h], actions[:, h], mask[:, h] = info["state"], a, info["valid"]
+        return prompt, states, actions, mask
+
+    # 2.-5. log-probs, score, rewards, advantages ------------------------------------------------------
+    @torch.no_grad()
+    def make_experience(self) -> Rollout:
+        cfg = self.cfg
+        prompt, states, actions, mask_np = self.generate()
+        flat = torch.as_tensor(states + self.offsets[:-1][None, :])
+        act = torch.as_tensor(actions)
+        mask = torch.as_tensor(mask_np)
+        logprobs = self.policy.log_probs(flat, act)                               # log pi_old
+        ref_logprobs = self.ref_policy.log_probs(flat, act)
+        dpo_logprobs = self._dpo_flat[flat, act] if self.uses_dpo else None
+        values = self.critic(flat) if self.critic is not None else None
+        # 3. score: sentence RM score of the whole response (sum of the RM table over valid tokens)
+        score = torch.as_tensor(np.where(mask_np, _gather_layered(self._rm, states, actions), 0.0).sum(axis=1),
+                                dtype=DTYPE)
+        delim = torch.as_tensor(delimiter_mask(actions, cfg.segment_length, cfg.delimiter_token))
+        roll = Rollout(prompt=torch.as_tensor(prompt), flat_states=flat, actions=act, mask=mask, logprobs=logprobs,
+                       ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs, values=values, score=score,
+                       delimiter_mask=delim)
+        # 4. rewards (RTO eq. 4.7) -- the only place rewards are built
+        roll.terms = core.compute_rto_rewards(
+            score, logprobs, ref_logprobs, mask, beta2=cfg.beta2, beta3=cfg.beta3, dpo_logprobs=dpo_logprobs,
+            beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, mode=cfg.reward_mode, kl_kind=cfg.kl_kind, delimiter_mask=delim)
+        rewards = roll.terms.token_level_rewards
+        # 5. advantages
+        if cfg.uses_critic:
+            adv, ret = core.gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            if cfg.whiten_advantages:
+                adv = core.masked_whiten(adv, mask)
+        else:
+            adv, ret = core.reinforce_plus_plus_advantages(rewards, mask, gamma=cfg.gamma)
+        roll.advantages, roll.returns = adv, ret
+        return roll
+
+    # 6. PPO epochs ---------------------------------------------------------------------------------
+    def ppo_epochs(self, roll: Rollout) -> dict:
+        cfg = self.cfg
+        B = roll.actions.shape[0]
+        stats: dict[str, list] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approxkl": [], "ratio_first": []}
+        first = True
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.gen)
+            for idx in torch.tensor_split(perm, cfg.n_minibatches):
+                mb_mask = roll.mask[idx]
+                logp = self.policy.log_probs(roll.flat_states[idx], roll.actions[idx])
+                pg_loss, pg_stats = core.ppo_policy_loss(logp, roll.logprobs[idx], roll.advantages[idx], mb_mask,
+                                                         clip_eps=cfg.clip_eps)
+                if first:       # first minibatch of the update: pi == pi_old, ratio exactly 1
+                    stats["ratio_first"].append(max(abs(float(pg_stats["ratio_max"]) - 1.0),
+                                                    abs(float(pg_stats["ratio_min"]) - 1.0)))
+                    first = False
+                self.opt_actor.zero_grad()
+                loss = pg_loss
+                if self.critic is not None:
+                    v = self.critic(roll.flat_states[idx])
+                    vf_loss, _ = core.value_loss(v, roll.values[idx], roll.returns[idx], mb_mask,
+                                                 clip_eps=cfg.value_clip)
+                    self.opt_critic.zero_grad()
+                    loss = loss + cfg.vf_coef * vf_loss
+                    stats["vf_loss"].append(float(vf_loss.detach()))
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                    if self.critic is not None:
+                        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                self.opt_actor.step()
+                if self.opt_critic is not None:
+                    self.opt_critic.step()
+                stats["pg_loss"].append(float(pg_loss.detach()))
+                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
+                stats["approxkl"].append(float(pg_stats["approxkl"]))
+        return {k: (float(np.mean(v)) if v else float("nan")) for k, v in stats.items()}
+
+    # 7. exact evaluation ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Exact J_true = E[r*] - beta2 KL, gold return E_pi r*, KL(pi || pi_ref), and the exact
+        expected DPO reward sum E_pi sum_t clip(beta1 log pi_dpo/pi_ref) (Fig. 6 analogue)."""
+        pol = self.policy.layered_policy()
+        ev = evaluate(self.mdp, pol, self.true_reward, beta=self.cfg.beta2)
+        out = {"J_true": ev.J, "gold_return": ev.expected_return, "kl_ref": ev.kl}
+        out["rm_return"] = evaluate(self.mdp, pol, self._rm, beta=0.0).expected_return
+        if self._dpo_table is not None:
+            out["dpo_reward"] = evaluate(self.mdp, pol, self._dpo_table, beta=0.0).expected_return
+        return out
+
+    def train(self) -> PPOResult:
+        """Run cfg.n_updates PPO updates; the curve has one exact evaluation per update (0 = pi_ref)."""
+        old_threads = torch.get_num_threads()
+        if self.cfg.num_threads is not None:
+            torch.set_num_threads(self.cfg.num_threads)
+        try:
+            return self._train()
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _train(self) -> PPOResult:
+        t0 = time.perf_counter()
+        curve = [{"update": 0, **self.evaluate()}]
+        for u in range(1, self.cfg.n_updates + 1):
+            roll = self.make_experience()                       # 1.-5.
+            stats = self.ppo_epochs(roll)                        # 6.
+            terms = roll.terms
+            seq_kl = core.masked_sum(terms.kl, roll.mask, dim=-1)
+            row = {"update": u, **self.evaluate(),               # 7.
+                   "score_mean": float(roll.score.mean()), "seq_kl_k1": float(seq_kl.mean()),
+                   "dpo_reward_sampled": float(core.masked_sum(terms.dpo_token_rewards, roll.mask, dim=-1).mean()),
+                   "response_length": float(roll.mask.sum(-1).double().mean()), **stats}
+            if roll.values is not None:
+                row["explained_variance"] = float(core.explained_variance(roll.values, roll.returns, roll.mask))
+            curve.append(row)
+        return PPOResult(curve=curve, policy=self.policy, critic=self.critic, config=asdict(self.cfg),
+                         wall_time_s=time.perf_counter() - t0)
+
+
+def train_ppo(mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None = None,
+              config: PPOConfig | None = None, **overrides) -> PPOResult:
+    """Run PPO/RTO (see `TabularPPOTrainer`); keyword overrides go to `PPOConfig`."""
+    cfg = config if config is not None else PPOConfig(**overrides)
+    if config is not None and overrides:
+        cfg = PPOConfig(**{**asdict(config), **overrides})
+    return TabularPPOTrainer(mdp, true_reward, rm_reward, log_pi_dpo, cfg).train()
