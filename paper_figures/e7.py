@@ -30,7 +30,9 @@ def _line(ax, g, x, label, color=None, ls="-"):
 
 def draw(summary: dict, out: Path) -> list[Path]:
     df = read_table(out / "E7" / "results")
-    metric = "J_true"
+    # J_norm = (J - J(pi_ref)) / (J(pi*) - J(pi_ref)) puts seeds (different random MDPs) on one scale
+    metric = "J_norm" if "J_norm" in set(df.metric) else "J_true"
+    ylab = "normalized true J_beta (1 = optimum)" if metric == "J_norm" else "true J_beta (exact)"
     seeds = int(df.loc[df.section == "curves", "seed"].nunique())
     cfg = f"config {summary['config_hash']}; {seeds} seeds; wall {summary['wall_time_s']:.0f}s"
     paths = []
@@ -41,7 +43,7 @@ def draw(summary: dict, out: Path) -> list[Path]:
         _line(axes[0], g, "update", scheme, COLORS.get(scheme))
     for scheme, g in cur[cur.metric == "kl_ref"].groupby("scheme"):
         _line(axes[1], g, "update", scheme, COLORS.get(scheme))
-    axes[0].set(xlabel="PPO update", ylabel="true J_beta (exact)", title="learning curves (Fig. 4a/4b analogue)")
+    axes[0].set(xlabel="PPO update", ylabel=ylab, title="learning curves (Fig. 4a/4b analogue)")
     axes[1].set(xlabel="PPO update", ylabel="KL(pi || pi_ref)", title="KL to reference")
     axes[0].legend(fontsize=6)
     paths += save(fig, out, "E7_learning_curves", f"E7 learning curves of the exact KL-regularized objective; {cfg}")
@@ -55,7 +57,7 @@ def draw(summary: dict, out: Path) -> list[Path]:
             for scheme, g in last[last.rm == rm].groupby("scheme"):
                 _line(ax, g, "fraction", scheme, COLORS.get(scheme), "o-")
             ax.set_xscale("log", base=2)
-            ax.set(xlabel="fraction of preference pairs", ylabel="final true J_beta", title=f"data scaling, RM = {rm}")
+            ax.set(xlabel="fraction of preference pairs", ylabel=f"final {ylab}", title=f"data scaling, RM = {rm}")
             ax.legend(fontsize=6)
         paths += save(fig, out, "E7_data_scaling",
                       f"E7 final objective at a fixed RL budget vs data fraction (Fig. 4c analogue); {cfg}")
@@ -66,7 +68,7 @@ def draw(summary: dict, out: Path) -> list[Path]:
         last = b1[(b1.metric == metric) & (b1["update"] == b1["update"].max())]
         _line(axes[0], last, "beta1", "RTO", "tab:red", "o-")
         axes[0].set_xscale("symlog", linthresh=0.01)
-        axes[0].set(xlabel="beta1", ylabel="final true J_beta", title="beta1 sweep")
+        axes[0].set(xlabel="beta1", ylabel=f"final {ylab}", title="beta1 sweep")
         for beta1, g in b1[b1.metric == "dpo_reward"].groupby("beta1"):
             _line(axes[1], g, "update", f"beta1={beta1:g}")
         axes[1].set(xlabel="PPO update", ylabel="mean DPO token reward per sequence",

@@ -159,7 +159,8 @@ def _claim(folder: Path, grid: SweepGrid, fn: Callable) -> Path:
 
 def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, workers: int | None = None,
               backend: str = "process", progress: bool = True, validate: Callable[[dict], None] | None = None,
-              cells: list[dict] | None = None, start_method: str | None = None) -> pd.DataFrame:
+              cells: list[dict] | None = None, start_method: str | None = None,
+              cost: Callable[[dict], float] | None = None) -> pd.DataFrame:
     """Run every cell of `grid` not already in `folder` and return the tidy table of ALL its cells.
 
     cell_fn(cell, rng_seed) -> rows (module doc); workers: processes (default os.cpu_count());
@@ -167,7 +168,9 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
     cell (called on every cell before anything runs or is written); cells: run only this subset of the
     grid's cells (e.g. to shard), the table still lists only finished cells of the grid; start_method:
     multiprocessing start method of the "process" backend (default "fork" where available: works from
-    scripts without a __main__ guard; "spawn" needs one)."""
+    scripts without a __main__ guard; "spawn" needs one); cost: optional estimate of a cell's run time:
+    cells are then started longest first, which shortens the tail of a parallel sweep (the numbers do not
+    depend on the order: each cell's seed comes from its config)."""
     if not callable(cell_fn):
         raise ValueError("cell_fn must be a callable (cell, rng_seed) -> list of row dicts")
     if not isinstance(grid, SweepGrid):
@@ -194,6 +197,8 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
         if k not in done and k not in seen:
             todo.append(c)
             seen.add(k)
+    if cost is not None:
+        todo.sort(key=cost, reverse=True)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm

@@ -480,7 +480,9 @@ def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
     if "tabular_dpo" in cfg["learners"]:
         import torch  # noqa: F401  (imported once here, inherited by forked workers instead of once per worker)
     t0 = time.perf_counter()
-    table = run_sweep(e1_cell, grid, Path(folder) / "sweep", workers=cfg.get("workers", 2), progress=True)
+    # longest cells first (tabular DPO on the prefix tree at large H dominates): shortens the parallel tail
+    table = run_sweep(e1_cell, grid, Path(folder) / "sweep", workers=cfg.get("workers", 2), progress=True,
+                      cost=lambda c: (c["reward_class"] in ("random", "tree_tabular"), c["H"], c["N"]))
     wall = time.perf_counter() - t0
     checks, agg = analyse(table, cfg)
     agg.to_csv(Path(folder) / "aggregate.csv", index=False)
