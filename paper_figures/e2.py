@@ -61,5 +61,6 @@ def draw(summary: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=6)
     cap = (f"E2 Proposition 3.2: {len(df)} instances (p* < 1), A in {sorted(int(a) for a in df.A.unique())}, "
            f"H <= {int(df.H.max())}, evaluator families {sorted(df.family.unique())}; token learner = best-first "
-           f"pruning; config {summary['config_hash']}; wall {summary['wall_time_s']:.1f}s")
+           f"pruning; {summary['config'].get('seeds')} seeds per evaluator setting; "
+           f"config {summary['config_hash']}; wall {summary['wall_time_s']:.1f}s")
     return save(fig, out, "E2_prop32_queries", cap)

@@ -40,7 +40,9 @@ def draw_e3(summary: dict, out: Path) -> list[Path]:
            title="Theorem 4.2 (S9): points below the line hold")
     ax.legend(fontsize=6)
     cap = (f"E3: A={summary['config'].get('A')}, H={summary['config'].get('H')}; classes "
-           f"{list(summary['config'].get('classes', {}))}; config {summary['config_hash']}; "
+           f"{list(summary['config'].get('classes', {}))}; Gibbs: mean over {summary['config'].get('seeds_gibbs')} "
+           f"seeds; bounds: {summary['config'].get('eval_seeds')} evaluation seeds per N; "
+           f"config {summary['config_hash']}; "
            f"wall {summary['wall_time_s']:.0f}s")
     return save(fig, out, "E3_policy_quality", cap)
 
@@ -69,5 +71,7 @@ def draw_e6(summary: dict, out: Path) -> list[Path]:
            ylabel="Algorithm 1 SubOpt", title="does SubOpt track coverage?")
     ax.legend(fontsize=6)
     cap = (f"E6: equal per-step marginals, different joint laws; {summary['config'].get('feature')} features; "
+           f"{summary['config'].get('eval_seeds')} evaluation seeds x {len(summary['config'].get('theta_seeds', []))} "
+           f"theta*; bars: mean and 95% CI; "
            f"config {summary['config_hash']}; wall {summary['wall_time_s']:.0f}s")
     return save(fig, out, "E6_coverage", cap)

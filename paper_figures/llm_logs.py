@@ -15,8 +15,8 @@ from .style import plt, save
 PANELS = {
     "reward-model score": ["objective/scores", "objective/rlhf_reward"],
     "KL to reference (sum of k1 per sequence)": ["objective/kl"],
-    "response length (mean tokens)": ["response_length/mean", "rollout/response_length_mean", "val/response_length"],
-    "share of return from DPO rewards": ["rto/dpo_return_share", "rto/dpo_share", "objective/dpo_share"],
+    "response length (mean tokens)": ["val/response_length"],
+    "share of return from DPO rewards": ["rto/share_dpo"],
 }
 
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from rto_llm.config import ConfigError, DPOConfig, RMConfig, SFTConfig, config_help, load_config
-from rto_llm.ppo.config import PPOConfig, RTOConfig
+from rto_llm.ppo.config import PPOConfig, RTOConfig, check_ppo_config
 
 # stage -> (config class, "module:TrainerClass"); trainers import transformers, so they load lazily.
 STAGES: dict[str, tuple[type, str]] = {
@@ -21,6 +21,10 @@ STAGES: dict[str, tuple[type, str]] = {
     "ppo": (PPOConfig, "rto_llm.ppo.trainer:PPOTrainer"),     # train.stop_after counts rollouts here
     "rto": (RTOConfig, "rto_llm.ppo.trainer:PPOTrainer"),
 }
+
+
+# stage -> cross-section config checks run right after loading (before any model is built)
+VALIDATORS = {"ppo": check_ppo_config, "rto": check_ppo_config}
 
 
 def trainer_class(stage: str) -> type:
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
         cfg = load_config(cls, args.config, overrides)
+        if args.stage in VALIDATORS:
+            VALIDATORS[args.stage](cfg)
     except ConfigError as e:
         print(f"rto-llm {args.stage}: config error: {e}", file=sys.stderr)
         return 2
