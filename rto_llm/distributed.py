@@ -48,6 +48,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def ensure_process_group(info: DistInfo) -> None:
+    """A one-process group when none exists: DeepSpeed needs one even for a single process, and
+    :func:`init_distributed` creates one only for WORLD_SIZE > 1 (``deepspeed --num_gpus 1`` / ``torchrun
+    --nproc_per_node 1`` / a plain run). Uses MASTER_ADDR / MASTER_PORT when set, else a free local port."""
+    if dist.is_initialized():
+        return
+    if info.world_size != 1:
+        raise RuntimeError(f"WORLD_SIZE={info.world_size} but no process group: call init_distributed first")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=0, world_size=1)
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -192,6 +214,7 @@ class DeepSpeedEngine:
         if dscfg.config_file:
             with open(dscfg.config_file) as f:
                 ds_config.update(json.load(f))
+        ensure_process_group(info)
         optimizer = _optimizer(model, tcfg)
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler, tcfg.min_lr_ratio)
@@ -199,7 +222,7 @@ class DeepSpeedEngine:
         model = model.to(info.device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=StageForward(model), optimizer=optimizer, lr_scheduler=sched, config=ds_config,
-            dist_init_required=info.world_size > 1 and not dist.is_initialized(),
+            dist_init_required=False,  # the group exists (init_distributed / ensure_process_group)
         )
         self.module = model
         self.zero_stage = dscfg.zero_stage

@@ -32,14 +32,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_process(stage: str, overrides: list[str]) -> None:
-    """``python -m rto_llm.cli`` as one process of a one-process launch (the env torchrun would set)."""
+# The CLI, printing what DeepSpeed was really set up with (the offload / bf16 settings are not just accepted).
+_REPORT = (
+    "import json, sys, rto_llm.distributed as d\n"
+    "init = d.DeepSpeedEngine.__init__\n"
+    "def report(self, *a, **k):\n"
+    "    init(self, *a, **k)\n"
+    "    e, o = self.engine, self.engine.optimizer\n"
+    "    print('DSREPORT ' + json.dumps({'cpu_offload': bool(e.zero_cpu_offload()),\n"
+    "        'offload_param': e.zero_offload_param() is not None, 'bf16': bool(e.bfloat16_enabled()),\n"
+    "        'zero_optimizer_offload': bool(getattr(o, 'cpu_offload', False) or getattr(o, 'offload_optimizer', 0)),\n"
+    "        'client_optimizer': type(getattr(o, 'optimizer', o)).__name__,\n"
+    "        'param_dtype': str(next(self.module.parameters()).dtype)}), flush=True)\n"
+    "d.DeepSpeedEngine.__init__ = report\n"
+    "from rto_llm.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _one_process(stage: str, overrides: list[str]) -> dict:
+    """The CLI as one process of a one-process launch (the env torchrun would set); DeepSpeed's settings."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
-    res = subprocess.run([sys.executable, "-m", "rto_llm.cli", stage, *overrides], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _REPORT, stage, *overrides], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    lines = [x for x in res.stdout.splitlines() if x.startswith("DSREPORT ")]
+    assert len(lines) == 1, res.stdout[-3000:]
+    return json.loads(lines[0].removeprefix("DSREPORT "))
 
 
 def _metrics(out_dir) -> list[dict]:
@@ -66,8 +87,11 @@ def torch_sft_run(tiny_model_dir, toy_data, tmp_path_factory):
 def test_zero_cpu_offload_sft_matches_plain_torch(torch_sft_run, tiny_model_dir, toy_data, tmp_path, zero_stage):
     pytest.importorskip("deepspeed")
     out = tmp_path / "ds"
-    _one_process("sft", _sft_args(tiny_model_dir, toy_data["sft"], out, "deepspeed.enabled=true",
-                                  f"deepspeed.zero_stage={zero_stage}", "deepspeed.offload=true"))
+    ds = _one_process("sft", _sft_args(tiny_model_dir, toy_data["sft"], out, "deepspeed.enabled=true",
+                                       f"deepspeed.zero_stage={zero_stage}", "deepspeed.offload=true"))
+    # DeepSpeed runs its offload path (on a CPU-only machine the states stay in host memory either way)
+    assert ds["cpu_offload"] and ds["zero_optimizer_offload"] and ds["client_optimizer"] == "AdamW"
+    assert ds["offload_param"] == (zero_stage == 3) and not ds["bf16"]
     ref, got = _metrics(torch_sft_run), _metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for r, g in zip(ref, got):
@@ -85,8 +109,9 @@ def test_zero_cpu_offload_sft_matches_plain_torch(torch_sft_run, tiny_model_dir,
 def test_deepspeed_bf16_on_cpu_runs(torch_sft_run, tiny_model_dir, toy_data, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "bf16"
-    _one_process("sft", _sft_args(tiny_model_dir, toy_data["sft"], out, "deepspeed.enabled=true",
-                                  "deepspeed.zero_stage=2", "deepspeed.bf16=true"))
+    ds = _one_process("sft", _sft_args(tiny_model_dir, toy_data["sft"], out, "deepspeed.enabled=true",
+                                       "deepspeed.zero_stage=2", "deepspeed.bf16=true"))
+    assert ds["bf16"] and ds["param_dtype"] == "torch.bfloat16" and not ds["cpu_offload"]
     got, ref = _metrics(out), _metrics(torch_sft_run)
     losses = [r["train/loss"] for r in got]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
@@ -195,3 +220,11 @@ def test_hf_dataset_trains_sft(hf_offline, tiny_model_dir, tmp_path):
     assert len(tr.train_examples) == 16
     hist = tr.train()
     assert [h["step"] for h in hist] == [1, 2] and all(math.isfinite(h["train/loss"]) for h in hist)
+
+
+def test_hf_prefix_without_datasets_package_says_how_to_install(monkeypatch):
+    from rto_llm.data import DataError, read_rows
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: the import raises ImportError
+    with pytest.raises(DataError, match="pip install datasets"):
+        read_rows("hf:some/dataset")
