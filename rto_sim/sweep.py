@@ -236,35 +236,12 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _limit_blas_threads(n: int = 1) -> bool:
-    """Set OpenBLAS's thread count in this (forked) process through its C API (what threadpoolctl does);
-    True if an OpenBLAS library was found. Environment variables cannot do this after numpy is loaded."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return False
-    found = False
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                found = True
-                break
-    return found
-
-
 def _worker_init() -> None:
     """One BLAS / torch thread per worker: several workers on few cores with threaded BLAS inside small
     L-BFGS problems spin, measured ~80x slower on a loaded 2-core machine."""
-    _limit_blas_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)     # process-wide for this worker (forked workers inherit loaded BLAS pools)
     import sys
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)

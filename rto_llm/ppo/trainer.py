@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from rto_llm import checkpoint as ckpt
-from rto_llm.config import ConfigError, save_config, to_dict
+from rto_llm.config import ConfigError
 from rto_llm.data import load_examples
 from rto_llm.distributed import all_reduce_sum, create_engine, init_distributed
-from rto_llm.logging import MetricsLogger, setup_console_logging
+from rto_llm.logging import setup_console_logging
 from rto_llm.models import (
     REWARD_MEAN_KEY,
     DPOTokenRewardProvider,
@@ -65,7 +65,7 @@ from rto_llm.ppo.experience import (
     sequence_score,
 )
 from rto_llm.ppo.metrics import RedFlags, UpdateStats, nonfinite_keys, peak_tflops, rollout_flops, rollout_metrics
-from rto_llm.trainers.base import peak_memory_gb
+from rto_llm.trainers.base import begin_run, peak_memory_gb
 from rto_sim.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -539,18 +539,8 @@ class PPOTrainer:
         """Run rollouts to ``total_rollouts`` (or return after ``stop_after`` rollouts of this call,
         after saving a checkpoint: a deliberate interruption). Returns the per-rollout metrics."""
         cfg, info = self.cfg, self.info
-        start = 0
-        if cfg.checkpoint.resume:
-            path = ckpt.find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume)
-            start = ckpt.load_checkpoint(path, self.engines, info)["step"]
-            log.info("resumed from %s at rollout %d", path, start)
-        if info.is_main:
-            os.makedirs(cfg.train.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
-        logger = MetricsLogger(
-            cfg.log, cfg.train.output_dir, self.stage, self.total_rollouts, to_dict(cfg), info.is_main, start
-        )
-        end = self.total_rollouts if stop_after is None else min(self.total_rollouts, start + stop_after)
+        start, end, logger = begin_run(cfg, info, self.ckpt_dir, self.engines, self.stage, self.total_rollouts,
+                                       stop_after)    # steps here are rollouts
         history = []
         try:
             for k in range(start, end):

@@ -36,6 +36,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def begin_run(cfg, info, ckpt_dir: str, engines, stage: str, total: int, stop_after: int | None):
+    """Shared start of every training loop: resume from ``cfg.checkpoint.resume`` (restoring ``engines``),
+    save the resolved config, open the metrics logger. Returns ``(start, end, logger)``: the loop runs
+    steps (or rollouts) ``start .. end - 1``, ``end`` honouring ``stop_after`` (a deliberate interruption)."""
+    start = 0
+    if cfg.checkpoint.resume:
+        path = ckpt.find_checkpoint(ckpt_dir, cfg.checkpoint.resume)
+        start = ckpt.load_checkpoint(path, engines, info)["step"]
+        log.info("resumed from %s at step %d", path, start)
+    if info.is_main:
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
+    logger = MetricsLogger(cfg.log, cfg.train.output_dir, stage, total, to_dict(cfg), info.is_main, start)
+    end = total if stop_after is None else min(total, start + stop_after)
+    return start, end, logger
+
+
 class Trainer:
     stage = "base"
     data_kind = "sft"  # "sft" | "preference"
@@ -124,18 +141,7 @@ class Trainer:
         """Train to ``total_steps`` (or return after ``stop_after`` steps of this call, after saving a
         checkpoint: a deliberate interruption). Returns the per-step metrics."""
         cfg, info = self.cfg, self.info
-        start = 0
-        if cfg.checkpoint.resume:
-            path = ckpt.find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume)
-            start = ckpt.load_checkpoint(path, self.engine, info)["step"]
-            log.info("resumed from %s at step %d", path, start)
-        if info.is_main:
-            os.makedirs(cfg.train.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
-        logger = MetricsLogger(
-            cfg.log, cfg.train.output_dir, self.stage, self.total_steps, to_dict(cfg), info.is_main, start
-        )
-        end = self.total_steps if stop_after is None else min(self.total_steps, start + stop_after)
+        start, end, logger = begin_run(cfg, info, self.ckpt_dir, self.engine, self.stage, self.total_steps, stop_after)
         history = []
         model = self.engine.module
         model.train()

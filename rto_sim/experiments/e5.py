@@ -33,7 +33,7 @@ from scipy import stats
 from ..exact import enumerate_responses
 from ..features import draw_theta, make_features
 from ..mdp import TokenMDP
-from ..results import Check, single_thread_blas
+from ..results import Check
 
 PROXIES = ("token_mle", "bandit", "dpo")
 ENSEMBLES = ("single", "worst", "uwo")
@@ -130,13 +130,7 @@ def _add_rows(ctx, proxy_all: np.ndarray, **keys) -> None:
 
 
 def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
-    """Run the grid (see module docstring) with single-threaded BLAS (`rto_sim.results.single_thread_blas`)."""
-
-    with single_thread_blas():
-        return _run(cfg, folder)
-
-
-def _run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+    """Run the grid (see module docstring); `run_experiment` pins BLAS to one thread around it."""
     from ..preferences import sample_preferences
 
     t_start = time.perf_counter()
