@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.special import expit, logsumexp
 
+from .core import bradley_terry_loss, dpo_loss  # the one implementation of both losses
 from .exact import (
     argmax_policy,
     enumerate_responses,
@@ -128,9 +130,7 @@ def _pairs(enum, mdp, rng, n_pairs: int):
 def bt_invariance(inst: Instance) -> float:
     """4. sigmoid(R(y1) - R(y2)) = sigmoid(d sum_h beta log pi*/pi_ref) for pairs sharing a prompt, so the
     DPO loss at pi*_beta equals the Bradley-Terry NLL of the true reward (on sampled labels)."""
-    import torch
 
-    from .core import bradley_terry_loss, dpo_loss  # the one implementation of both losses
 
     mdp, b = inst.mdp, inst.beta
     sol = soft_bellman(mdp, inst.reward, b)

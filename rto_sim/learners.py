@@ -42,10 +42,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.linalg import cho_factor, cho_solve
 from scipy.optimize import brentq, minimize
 from scipy.special import expit, log_softmax
 
+from .core import dpo_loss
 from .exact import implicit_token_reward
 from .features import FeatureMap
 from .mdp import Layered, TokenMDP, check_beta
@@ -390,9 +392,7 @@ def fit_tabular_dpo(data: PreferenceData, mdp: TokenMDP, beta: float, ridge: flo
     scipy L-BFGS-B. Convergence: stops when max |grad| of the MEAN loss <= tol (default 1e-9) or after
     max_iter iterations (default 5000); see the module doc on why this matters. init: starting policy
     (default pi_ref). Absorbing rows and tokens with pi_ref = 0 are not parameters."""
-    import torch
 
-    from .core import dpo_loss
 
     data = _check_data(data)
     beta = check_beta(beta)

@@ -59,7 +59,9 @@ from .exact import (
     soft_bellman,
 )
 from .features import FeatureMap
+from .learners import fit_token_mle
 from .mdp import Layered, TokenMDP, check_beta
+from .preferences import PreferenceData, trajectory_features
 
 __all__ = ["ConfidenceSet", "identifiable_basis", "expected_features", "feature_bonus", "pessimistic_reward",
            "pessimistic_policy", "greedy_policy", "MaxMinSolution", "maxmin_policy", "maxmin_objective",
@@ -386,9 +388,6 @@ def bootstrap_radii(fit, data, features: FeatureMap, basis: np.ndarray, n_boot: 
                     fit_kwargs: dict | None = None) -> np.ndarray:
     """Parametric bootstrap of ||P (theta_b - theta_hat)||_{Sigma_D}: labels of the SAME pairs redrawn from
     Bradley-Terry at theta_hat, refit with the same ridge. Data only (no theta*)."""
-    from .learners import fit_token_mle
-    from .preferences import PreferenceData, trajectory_features
-
     # salted: a bootstrap seed equal to the data seed must not replay the data's own uniforms
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB0075]))
     dpsi = (trajectory_features(features, data.first) - trajectory_features(features, data.second)) @ fit.theta

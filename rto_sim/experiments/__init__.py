@@ -12,8 +12,6 @@ import importlib
 import time
 from pathlib import Path
 
-from ..results import atomic_write_json, claim_folder, config_hash, single_thread_blas, write_table
-
 EXPERIMENTS = {
     "E0": "rto_sim.experiments.e0",     # exact identities (theory.md section 2)
     "E1": "rto_sim.experiments.e1",     # statistical scaling: token MLE vs bandit vs DPO (S1-S3, S5, S7, S8)
@@ -40,6 +38,9 @@ def get_experiment(name: str):
 def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",
                    overwrite: bool = False, **overrides) -> dict:
     """Run one experiment into `out/name/`; returns the summary dict."""
+    # imported here so that the registry (and `rto-sim --help`) does not load pandas
+    from ..results import atomic_write_json, claim_folder, config_hash, single_thread_blas, write_table
+
     mod = get_experiment(name)
     cfg = mod.config(quick)
     unknown = set(overrides) - set(cfg)
