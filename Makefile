@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,llm,deepspeed
+EXTRAS ?= dev,llm,deepspeed,ray
 OUT    ?= results
 
 # Many small numpy/scipy fits: threaded BLAS oversubscribes small machines (measured 80x slower under load).
@@ -14,11 +14,13 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: figures test lint bench clean-venv
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+# torch: an installed torch (e.g. a GPU user's CUDA build) is never replaced; otherwise the version in
+# constraints.txt is installed, from $(TORCH_INDEX) when set (README "Installing torch").
+$(STAMP): pyproject.toml constraints.txt Makefile tools/ensure_torch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) tools/ensure_torch.py $(VENV)/torch-constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 figures: $(STAMP)
