@@ -45,7 +45,14 @@ def build_fixture(root: str, size: str, prompt_len: int, n_prompts: int, seed: i
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rto_llm.models import set_reward_stats
-    from rto_llm.testing import build_tiny_llama, build_tiny_tokenizer, llama_1b_config, write_jsonl
+    from rto_llm.testing import (
+        build_tiny_llama,
+        build_tiny_tokenizer,
+        llama_1b_config,
+        save_model_dir,
+        set_adapter_base,
+        write_jsonl,
+    )
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(seed)
@@ -57,34 +64,22 @@ def build_fixture(root: str, size: str, prompt_len: int, n_prompts: int, seed: i
         s = SIZES[size]
         actor = build_tiny_llama(tok, hidden_size=s["hidden_size"], num_layers=s["num_layers"], seed=seed)
     paths = {}
-    for name, model in (("actor", actor),):
-        paths[name] = os.path.join(root, name)
-        model.save_pretrained(paths[name])
-        tok.save_pretrained(paths[name])
+    paths["actor"] = save_model_dir(os.path.join(root, "actor"), actor, tok)
     rm_dict = {k: v for k, v in actor.config.to_dict().items() if k not in ("id2label", "label2id")}
     rm_cfg = actor.config.__class__(**{**rm_dict, "num_labels": 1})
     rm = LlamaForSequenceClassification(rm_cfg)
     set_reward_stats(rm, 0.0, 1.0)
-    paths["rm"] = os.path.join(root, "rm")
-    rm.save_pretrained(paths["rm"])
-    tok.save_pretrained(paths["rm"])
+    paths["rm"] = save_model_dir(os.path.join(root, "rm"), rm, tok)
     with torch.no_grad():  # the full DPO model: the actor plus small noise (timing does not need training)
         for p in actor.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    paths["dpo"] = os.path.join(root, "dpo")
-    actor.save_pretrained(paths["dpo"])
-    tok.save_pretrained(paths["dpo"])
+    paths["dpo"] = save_model_dir(os.path.join(root, "dpo"), actor, tok)
     base = LlamaForCausalLM.from_pretrained(paths["actor"])
     lcfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="gaussian")
     lora = get_peft_model(base, lcfg)
     paths["dpo_adapter"] = os.path.join(root, "dpo_adapter")
     lora.save_pretrained(paths["dpo_adapter"])
-    acfg_path = os.path.join(paths["dpo_adapter"], "adapter_config.json")
-    with open(acfg_path) as f:
-        acfg = json.load(f)
-    acfg["base_model_name_or_path"] = paths["actor"]
-    with open(acfg_path, "w") as f:
-        json.dump(acfg, f)
+    set_adapter_base(paths["dpo_adapter"], paths["actor"])
     rng = random.Random(seed)
     words = [str(i) for i in range(10)] + ["count", "up", "from", "the", "next", "numbers"]
     rows = [{"prompt": " ".join(rng.choice(words) for _ in range(prompt_len))} for _ in range(n_prompts)]
@@ -166,7 +161,7 @@ def memory_worker(args) -> dict:
     """One configuration alone in this process: peak memory (and resident parameter bytes)."""
     import torch
 
-    from rto_llm.ppo.trainer import n_params
+    from rto_llm.ppo.roles import n_params
 
     torch.set_num_threads(args.threads)
     tr = _make_trainer(args.worker, json.loads(args.paths), args, os.path.join(args.out_dir, "m"))

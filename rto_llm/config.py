@@ -48,7 +48,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "Dtype the weights are loaded in (with deepspeed.bf16 keep float32: DeepSpeed casts)."
     )
-    dropout: bool = opt(False, "Keep dropout active in the trained model (off by default, see practice.md).")
+    dropout: bool = opt(False, "Keep dropout active in the trained model (off by default, see docs/practice.md).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     attn_implementation: str = opt("", "Attention kernel (eager, sdpa, flash_attention_2); empty = default.")
     lora_rank: int = opt(0, "LoRA rank r; 0 = full fine-tuning.")
@@ -233,7 +233,7 @@ class RMConfig:
 
 @dataclass
 class DPOConfig:
-    """Stage `dpo`: DPO / IPO / cDPO against a frozen reference (the future RTO token-reward model)."""
+    """Stage `dpo`: DPO / IPO / cDPO against a frozen reference (the RTO stage's token-reward model)."""
 
     model: ModelConfig = section(ModelConfig, "Policy to train (also the reference unless dpo.ref_path).")
     data: DataConfig = section(DataConfig, "Preference pairs.")

@@ -19,6 +19,7 @@ dropped. Both are counted in :class:`DataStats` and logged.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -213,28 +214,34 @@ def _fit(prompt: list[int], resp_len: int, max_len: int, max_prompt_len: int):
     return prompt[len(prompt) - keep :], keep < len(prompt)
 
 
+def _parsed_rows(rows: list[Row], cfg, stats: DataStats, parse):
+    """``(row, parse(row.data))`` for the first ``cfg.max_samples`` rows (all when 0), counting them; a row
+    whose ``parse`` raises ValueError is malformed (the run stops, or it is skipped and counted)."""
+    for row in rows[: cfg.max_samples or None]:
+        stats.rows += 1
+        try:
+            parsed = parse(row.data)
+        except ValueError as e:
+            _malformed(row.where, str(e), cfg.on_malformed, stats)
+            continue
+        yield row, parsed
+
+
 def build_sft_examples(rows: list[Row], tokenizer, cfg, stats: DataStats | None = None):
     """SFT examples ``{"input_ids": prompt + response, "prompt_len": int}``."""
     stats = stats if stats is not None else DataStats()
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
+
+    def parse(d: dict) -> tuple[str, str]:
+        if cfg.output_key in d:
+            return fmt.pair([{"role": "user", "content": _text(d, cfg.input_key)},
+                             {"role": "assistant", "content": _text(d, cfg.output_key)}])
+        if cfg.messages_key in d:
+            return fmt.pair(_messages(d, cfg.messages_key))
+        raise ValueError(f"needs {cfg.input_key!r}+{cfg.output_key!r} or {cfg.messages_key!r} (row keys: {sorted(d)})")
+
     out = []
-    for row in rows[: cfg.max_samples or None]:
-        stats.rows += 1
-        try:
-            if cfg.output_key in row.data:
-                prompt, response = fmt.pair(
-                    [{"role": "user", "content": _text(row.data, cfg.input_key)},
-                     {"role": "assistant", "content": _text(row.data, cfg.output_key)}]
-                )
-            elif cfg.messages_key in row.data:
-                prompt, response = fmt.pair(_messages(row.data, cfg.messages_key))
-            else:
-                raise ValueError(
-                    f"needs {cfg.input_key!r}+{cfg.output_key!r} or {cfg.messages_key!r} (row keys: {sorted(row.data)})"
-                )
-        except ValueError as e:
-            _malformed(row.where, str(e), cfg.on_malformed, stats)
-            continue
+    for row, (prompt, response) in _parsed_rows(rows, cfg, stats, parse):
         p_ids, r_ids = _tokenize_pair(fmt, prompt, response)
         p_ids, truncated = _fit(p_ids, len(r_ids), cfg.max_len, cfg.max_prompt_len)
         if p_ids is None:
@@ -251,28 +258,26 @@ def build_preference_examples(rows: list[Row], tokenizer, cfg, stats: DataStats 
     """Pairs ``{"chosen_ids", "rejected_ids", "chosen_prompt_len", "rejected_prompt_len", "margin"}``."""
     stats = stats if stats is not None else DataStats()
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
+
+    def parse(d: dict):
+        if cfg.chosen_key not in d or cfg.rejected_key not in d:
+            raise ValueError(f"needs keys {cfg.chosen_key!r} and {cfg.rejected_key!r} (row keys: {sorted(d)})")
+        if isinstance(d[cfg.chosen_key], str):
+            user = [{"role": "user", "content": _text(d, cfg.input_key)}]
+            pc, rc = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.chosen_key)}])
+            pr, rr = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.rejected_key)}])
+        else:
+            pc, rc = fmt.pair(_messages(d, cfg.chosen_key))
+            pr, rr = fmt.pair(_messages(d, cfg.rejected_key))
+        margin = 0.0
+        if cfg.margin_key:
+            if not isinstance(d.get(cfg.margin_key), (int, float)):
+                raise ValueError(f"margin key {cfg.margin_key!r} must hold a number")
+            margin = float(d[cfg.margin_key])
+        return pc, rc, pr, rr, margin
+
     out = []
-    for row in rows[: cfg.max_samples or None]:
-        stats.rows += 1
-        try:
-            d = row.data
-            if cfg.chosen_key not in d or cfg.rejected_key not in d:
-                raise ValueError(f"needs keys {cfg.chosen_key!r} and {cfg.rejected_key!r} (row keys: {sorted(d)})")
-            if isinstance(d[cfg.chosen_key], str):
-                user = [{"role": "user", "content": _text(d, cfg.input_key)}]
-                pc, rc = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.chosen_key)}])
-                pr, rr = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.rejected_key)}])
-            else:
-                pc, rc = fmt.pair(_messages(d, cfg.chosen_key))
-                pr, rr = fmt.pair(_messages(d, cfg.rejected_key))
-            margin = 0.0
-            if cfg.margin_key:
-                if not isinstance(d.get(cfg.margin_key), (int, float)):
-                    raise ValueError(f"margin key {cfg.margin_key!r} must hold a number")
-                margin = float(d[cfg.margin_key])
-        except ValueError as e:
-            _malformed(row.where, str(e), cfg.on_malformed, stats)
-            continue
+    for row, (pc, rc, pr, rr, margin) in _parsed_rows(rows, cfg, stats, parse):
         pc_ids, rc_ids = _tokenize_pair(fmt, pc, rc)
         pr_ids, rr_ids = _tokenize_pair(fmt, pr, rr)
         if pc_ids == pr_ids:  # shared prompt: truncate it once so both sides keep the same context
@@ -304,17 +309,14 @@ def build_prompt_examples(rows: list[Row], tokenizer, cfg, stats: DataStats | No
     """Prompt-only examples ``{"prompt_ids": [...]}`` (for generation), left-truncated to max_prompt_len."""
     stats = stats if stats is not None else DataStats()
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
+
+    def parse(d: dict) -> list[dict]:
+        if cfg.input_key in d:
+            return [{"role": "user", "content": _text(d, cfg.input_key)}]
+        return _messages(d, cfg.messages_key)
+
     out = []
-    for row in rows[: cfg.max_samples or None]:
-        stats.rows += 1
-        try:
-            if cfg.input_key in row.data:
-                msgs = [{"role": "user", "content": _text(row.data, cfg.input_key)}]
-            else:
-                msgs = _messages(row.data, cfg.messages_key)
-        except ValueError as e:
-            _malformed(row.where, str(e), cfg.on_malformed, stats)
-            continue
+    for _, msgs in _parsed_rows(rows, cfg, stats, parse):
         ids = fmt.tok(fmt.prompt(msgs), add_special_tokens=not fmt.chat)["input_ids"]
         if len(ids) > cfg.max_prompt_len:
             stats.prompt_truncated += 1
@@ -337,6 +339,25 @@ def load_examples(kind: str, path: str, split: str, tokenizer, cfg) -> tuple[lis
     if not examples:
         raise DataError(f"{path}: no usable rows ({stats.summary()})")
     return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data order: a pure function of (seed, epoch), so a step (or rollout) index is the data position
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order of ``n`` examples in epoch ``epoch``: ``torch.randperm(n)`` seeded with ``seed + epoch``."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def step_indices(n: int, seed: int, step: int, steps_per_epoch: int, batch_size: int) -> list[int]:
+    """Global example indices of batch ``step`` (0-based): a fresh permutation per epoch, drop-last.
+    Shared by the stage trainers (optimizer steps) and the PPO trainer (rollouts)."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    return list(epoch_permutation(n, seed, epoch)[pos * batch_size : (pos + 1) * batch_size])
 
 
 # ---------------------------------------------------------------------------------------------------

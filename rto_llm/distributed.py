@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -57,17 +58,18 @@ def ensure_process_group(info: DistInfo) -> None:
     if info.world_size != 1:
         raise RuntimeError(f"WORLD_SIZE={info.world_size} but no process group: call init_distributed first")
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = os.environ.get("MASTER_PORT")
-    if not port:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+    port = os.environ.get("MASTER_PORT") or str(free_port())
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=0, world_size=1)
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def barrier() -> None:
@@ -79,6 +81,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_dict(values: dict[str, float], mean: bool = False) -> dict[str, float]:
+    """Each value summed (or averaged) over processes, in float64; names in sorted order on every process."""
+    names = sorted(values)
+    t = all_reduce_sum(torch.tensor([values[n] for n in names], dtype=torch.float64))
+    if mean and dist.is_initialized():
+        t = t / dist.get_world_size()
+    return dict(zip(names, t.tolist()))
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str, min_lr_ratio: float):
@@ -258,9 +269,11 @@ class DeepSpeedEngine:
         return self.module.state_dict()
 
 
-def create_engine(model, cfg, total_steps: int, grad_accum: int, info: DistInfo):
-    if cfg.deepspeed.enabled:
-        return DeepSpeedEngine(model, cfg.train, cfg.deepspeed, total_steps, grad_accum, info)
-    if cfg.deepspeed.bf16:
+def create_engine(model, train_cfg, deepspeed_cfg, total_steps: int, grad_accum: int, info: DistInfo):
+    """The engine for ``model``: optimizer settings from ``train_cfg`` (a ``TrainConfig``), DeepSpeed ZeRO
+    when ``deepspeed_cfg.enabled`` (a ``DeepSpeedConfig``), else plain torch."""
+    if deepspeed_cfg.enabled:
+        return DeepSpeedEngine(model, train_cfg, deepspeed_cfg, total_steps, grad_accum, info)
+    if deepspeed_cfg.bf16:
         raise ValueError("deepspeed.bf16 needs deepspeed.enabled=true (plain torch: use model.dtype=bfloat16)")
-    return TorchEngine(model, cfg.train, total_steps, info)
+    return TorchEngine(model, train_cfg, total_steps, info)

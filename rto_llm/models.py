@@ -5,10 +5,11 @@
   small head. The reward model reads its score at the last real token (:func:`sequence_scores`); the
   critic reads one value per token (:func:`token_values`) and can be initialized from a reward model.
   Reward mean/std over the RM training set are stored in the model's ``config.json``.
-- :class:`DPOTokenRewardProvider`: log pi_ref and log pi_dpo of response tokens, from two full models or
-  from one base model plus a LoRA adapter (adapter off = reference, on = DPO; one copy of the base).
-- :func:`forward_logprobs`: response-token log-probs with next-token alignment and position ids from the
-  attention mask, so left padding does not change them.
+- :class:`DPOTokenRewardProvider`: the pi_ref / pi_dpo pair of the RTO token reward, from two full models
+  or from one base model plus a LoRA adapter (adapter off = reference, on = DPO; one copy of the base);
+  :func:`adapter_disabled` switches the adapter off (pi_ref).
+- :func:`forward_logprobs`: token log-probs (SFT / DPO layout) with next-token alignment and position ids
+  from the attention mask, so padding does not change them.
 
 Heavy packages (transformers, peft) are imported inside functions.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -63,6 +64,12 @@ def load_tokenizer(path: str, allow_hub: bool = False, gguf_file: str = "", trus
     return AutoTokenizer.from_pretrained(
         path, local_files_only=not allow_hub, trust_remote_code=trust_remote_code, **kwargs
     )
+
+
+def model_tokenizer(mcfg):
+    """The tokenizer of a ``ModelConfig``: ``tokenizer_path``, else the model directory (or its GGUF file)."""
+    gguf = "" if mcfg.tokenizer_path else mcfg.gguf_file
+    return load_tokenizer(mcfg.tokenizer_path or mcfg.path, mcfg.allow_hub, gguf, mcfg.trust_remote_code)
 
 
 def _load_kwargs(mcfg) -> dict:
@@ -227,7 +234,7 @@ def set_reward_stats(model: nn.Module, mean: float, std: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tokenizer compatibility (practice.md invariants 8 and 12)
+# Tokenizer compatibility (docs/practice.md invariants 8 and 12)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -292,37 +299,27 @@ def forward_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    response_start: int | None = None,
     response_mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Log-probs of tokens under a causal LM, with next-token alignment: ``lp[:, t] = log p(x_t | x_<t)``.
 
+    The SFT / DPO layout (one row per sequence, any padding); the PPO stage reads response tokens with
+    ``rto_llm.ppo.experience.response_logits`` instead.
+
     Args:
-        model: a causal LM (or an engine wrapping one).
+        model: a causal LM.
         input_ids: ``(B, T)``; any padding (left or right), marked by ``attention_mask``.
         attention_mask: ``(B, T)``, 1 on real tokens.
-        response_start: if given, return ``(B, T - response_start)`` log-probs of
-            ``input_ids[:, response_start:]`` (the PPO layout: left-padded prompts of one width, then
-            responses).
-        response_mask: if given (and no response_start), return ``(B, T)`` aligned with ``input_ids``,
-            zero where the mask is 0.
-        temperature: logits are divided by T (use the sampling temperature; 1 for DPO rewards).
+        response_mask: if given, the result is zero where the mask is 0.
 
     Returns:
-        Log-probs in float32; position 0 (no context) is 0.
+        ``(B, T)`` log-probs in float32, aligned with ``input_ids``; position 0 (no context) is 0.
     """
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
-    first = 0 if response_start is None else max(response_start - 1, 0)
-    logits = out.logits[:, first:-1]
-    lp = gather_logprobs(logits, input_ids[:, first + 1 :], temperature)  # (B, T - 1 - first)
-    if response_start is not None:
-        if response_start == 0:
-            lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
-        return lp
+    lp = gather_logprobs(out.logits[:, :-1], input_ids[:, 1:], 1.0)  # (B, T - 1)
     lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)  # (B, T)
     if response_mask is not None:
         lp = lp * response_mask.to(lp.dtype)
@@ -350,8 +347,18 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 # ---------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """A frozen peft model with its adapter off inside the block (pi_ref when the adapter is the DPO
+    model). peft re-enables ``requires_grad`` of the adapter when it is switched back on, so the frozen
+    role is re-frozen afterwards."""
+    with model.disable_adapter():
+        yield
+    model.requires_grad_(False)
+
+
 class DPOTokenRewardProvider:
-    """Reference and DPO log-probs of response tokens.
+    """The models behind RTO's DPO token reward ``log pi_dpo - log pi_ref``.
 
     Two layouts:
       - full model: ``reference`` and ``dpo_model`` are separate frozen models;
@@ -384,26 +391,6 @@ class DPOTokenRewardProvider:
             raise ValueError("a full DPO model needs ref_path (the model it was trained against)")
         return cls(load_causal_lm(mcfg, False, ref_path), load_causal_lm(mcfg, False, dpo_path))
 
-    @contextmanager
     def reference_context(self):
-        """Adapter off inside the block. peft re-enables ``requires_grad`` of the adapter when it is
-        switched back on, so the frozen role is re-frozen afterwards."""
-        if not self.adapter:
-            yield
-            return
-        with self.reference.disable_adapter():
-            yield
-        self.reference.requires_grad_(False)
-
-    @torch.no_grad()
-    def reference_logprobs(self, input_ids, attention_mask, response_start=None, response_mask=None, temperature=1.0):
-        with self.reference_context():
-            return forward_logprobs(
-                self.reference, input_ids, attention_mask, response_start, response_mask, temperature
-            )
-
-    @torch.no_grad()
-    def dpo_logprobs(self, input_ids, attention_mask, response_start=None, response_mask=None):
-        model = self.reference if self.adapter else self.dpo_model
-        # The DPO implicit reward is defined on the unscaled model (temperature 1).
-        return forward_logprobs(model, input_ids, attention_mask, response_start, response_mask, 1.0)
+        """Context in which ``reference`` computes pi_ref (adapter off in the adapter layout)."""
+        return adapter_disabled(self.reference) if self.adapter else nullcontext()

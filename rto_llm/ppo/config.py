@@ -1,6 +1,6 @@
 """Configs of the ``ppo`` and ``rto`` stages: one dataclass each, defaults = the paper's settings.
 
-RTO paper (Zhong et al., ICML 2025; practice.md section 1), UltraFeedback / Llama-3-8B: beta1 0.05,
+RTO paper (Zhong et al., ICML 2025; docs/practice.md section 1), UltraFeedback / Llama-3-8B: beta1 0.05,
 per-token DPO clip c 0.05, beta2 0.01 fixed, beta3 1, actor lr 5e-7, critic lr 9e-6 (critic from a 1B
 RM), rollout 1024 prompts, train batch 128 (8 optimizer steps per rollout), 1 PPO epoch, gamma 1,
 lambda 0.95, clip 0.2, value clip 0.2, Adam (0.9, 0.95), grad clip 1.0, cosine schedule with 3% warm-up
@@ -35,7 +35,7 @@ from rto_llm.config import (
 
 @dataclass
 class RolloutOptions:
-    """Generation of the rollout buffer (pure sampling only: see practice.md section 2)."""
+    """Generation of the rollout buffer (pure sampling only: see docs/practice.md section 2)."""
 
     batch_size: int = opt(1024, "Prompts per rollout (one PPO step), over all processes (paper 1024).")
     generation_batch_size: int = opt(64, "Prompts per generate call on one process.")
@@ -58,7 +58,7 @@ class RolloutOptions:
 
 def assert_pure_sampling(top_p: float, top_k: int, repetition_penalty: float, min_new_tokens: int,
                          prefix: str = "rollout") -> None:
-    """Refuse any sampling setting other than pure sampling at temperature T (practice.md invariant 4)."""
+    """Refuse any sampling setting other than pure sampling at temperature T (docs/practice.md invariant 4)."""
     bad = []
     if top_p != 1.0:
         bad.append(f"{prefix}.top_p={top_p} (need 1.0)")
@@ -269,6 +269,8 @@ def check_ppo_config(cfg: PPOConfig, world_size: int = 1) -> None:
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
             f"({t.micro_batch_size}) x processes ({world_size})"
         )
+    if cfg.kl.ref_ema_decay > 0 and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("kl.ref_ema_decay needs full actor parameters: use deepspeed.zero_stage <= 2")
     if cfg.kl.ref_ema_decay > 0 and cfg.rto.uses_dpo:
         raise ConfigError(
             "kl.ref_ema_decay > 0 moves pi_ref away from the model the DPO model was trained against; "

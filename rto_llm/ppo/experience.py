@@ -7,7 +7,7 @@ Layout of a rollout buffer (B rows)::
     action_mask = the response half of ``attention`` (B, R): the tokens the policy chose
 
 Position ids always come from the attention mask (``position_ids_from_mask``), so the amount of left
-padding never changes a log-prob or a value (practice.md invariant 5).
+padding never changes a log-prob or a value (docs/practice.md invariant 5).
 
 Forward convention (one helper, :func:`response_logits`, for every causal-LM role; pinned by tests):
   - pi (actor during the update), pi_old (actor at rollout time) and pi_ref: ``log softmax(logits / T)``
@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 from rto_llm.data import pad_sequences
 from rto_llm.models import backbone, position_ids_from_mask, score_head, sequence_scores
+from rto_llm.ppo.roles import Roles
 from rto_sim.core import (
+    RewardTerms,
     apply_missing_eos_penalty,
     compute_rto_rewards,
     entropy_from_logits,
@@ -74,13 +76,11 @@ class Experience:
     # -- sequence score R -------------------------------------------------------------------------
     raw_scores: Tensor  # (B,) r_RM(x, y) as the reward model outputs it
     scores: Tensor  # (B,) R = clip(normalize(r_RM), -c, c), or the missing-EOS penalty
-    # -- token rewards (rto_sim.core.compute_rto_rewards) ------------------------------------------
-    token_level_rewards: Tensor | None = None  # (B, R) r_t = -beta2 kl_t + dpo_t + [t = last] beta3 R
-    kl: Tensor | None = None  # (B, R) per-token KL estimate (kind kl.kind), not scaled by beta2
-    dpo_rewards: Tensor | None = None  # (B, R) DPO term as added to r_t (after clip and redistribution)
-    dpo_token_rewards: Tensor | None = None  # (B, R) clipped dense DPO reward before redistribution
-    score_rewards: Tensor | None = None  # (B, R) beta3 * R on the last valid token
-    kl_coef: float = 0.0  # beta2 used for this buffer
+    # -- token rewards ------------------------------------------------------------------------------
+    # rto_sim.core.RewardTerms, every tensor (B, R): token_level_rewards r_t = -beta2 kl_t + dpo_t +
+    # [t = last] beta3 R; kl (kind kl.kind, not scaled by beta2); dpo_rewards (after clip and
+    # redistribution); dpo_token_rewards (clipped, before redistribution); score_rewards; kl_coef = beta2
+    rewards: RewardTerms | None = None
     # -- advantages -----------------------------------------------------------------------------------
     advantages_raw: Tensor | None = None  # (B, R) GAE / REINFORCE++ advantages before whitening
     advantages: Tensor | None = None  # (B, R) advantages used by the policy loss (whitened by default)
@@ -96,20 +96,23 @@ class Experience:
         return self.action_mask.sum(-1)
 
     def tensors(self) -> dict[str, Tensor]:
-        """All tensor fields by name (None fields left out)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if torch.is_tensor(getattr(self, f.name))
-        }
+        """All tensor fields by name, those of ``rewards`` as ``rewards.<name>`` (None fields left out)."""
+        out = {k: v for k, v in vars(self).items() if torch.is_tensor(v)}
+        if self.rewards is not None:
+            out.update({f"rewards.{k}": v for k, v in vars(self.rewards).items() if torch.is_tensor(v)})
+        return out
+
+    def map_tensors(self, fn, **changes) -> Experience:
+        """A new record with ``fn(tensor)`` for every tensor field (``rewards`` included); scalars are kept."""
+        def apply(obj):
+            return dataclasses.replace(obj, **{k: fn(v) for k, v in vars(obj).items() if torch.is_tensor(v)})
+
+        out = apply(self)
+        return dataclasses.replace(out, rewards=apply(self.rewards) if self.rewards is not None else None, **changes)
 
     def select(self, idx: Tensor) -> Experience:
         """Rows ``idx`` (1-D long) of every tensor field; scalars are kept."""
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v[idx] if torch.is_tensor(v) else v
-        return Experience(**kw)
+        return self.map_tensors(lambda v: v[idx])
 
     def trimmed(self) -> Experience:
         """Drop prompt columns that are padding in every row and response columns after every EOS.
@@ -123,24 +126,17 @@ class Experience:
         left = min(left, P - 1)  # keep at least one prompt column: the first action needs a context
         resp_any = self.action_mask.any(0)
         right = int(resp_any.nonzero().max()) + 1 if bool(resp_any.any()) else 1
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if torch.is_tensor(v) and v.dim() == 2:
-                if v.shape[1] == self.sequences.shape[1]:
-                    v = v[:, left : P + right]
-                else:
-                    v = v[:, :right]
-            kw[f.name] = v
-        kw["prompt_width"] = P - left
-        return Experience(**kw)
+        width = self.sequences.shape[1]
+
+        def trim(v: Tensor) -> Tensor:
+            if v.dim() != 2:
+                return v
+            return v[:, left : P + right] if v.shape[1] == width else v[:, :right]
+
+        return self.map_tensors(trim, prompt_width=P - left)
 
     def to(self, device) -> Experience:
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k, v in kw.items():
-            if torch.is_tensor(v):
-                kw[k] = v.to(device)
-        return Experience(**kw)
+        return self.map_tensors(lambda v: v.to(device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def sample_responses(
 
     The sampler is written out instead of calling ``model.generate`` so that nothing (a model's
     ``generation_config.json`` with top_p 0.9, a default top_k of 50, a min-length processor) can
-    silently change the sampling distribution (practice.md invariant 4).
+    silently change the sampling distribution (docs/practice.md invariant 4).
 
     Args:
         model: a causal LM (eval mode; dropout off).
@@ -287,32 +283,17 @@ def layout(prompt_chunks: list[tuple[Tensor, Tensor]], response_chunks: list[Ten
     return sequences, attention_mask, action_mask, has_eos, sample_logprobs, P
 
 
-@dataclass
-class Roles:
-    """The models of a run. ``reference`` is the PPO pi_ref; with a LoRA-adapter DPO model it is the
-    peft model whose adapter is the DPO model (``adapter_off`` gives pi_ref)."""
-
-    actor: torch.nn.Module
-    reference: torch.nn.Module
-    reward_model: torch.nn.Module
-    critic: torch.nn.Module | None = None
-    dpo_model: torch.nn.Module | None = None  # full DPO model; None with an adapter or without DPO
-    dpo_adapter: bool = False  # True: pi_dpo = reference with its adapter on
-    dpo_reference: torch.nn.Module | None = None  # a separate DPO reference (only if really different)
-
-    def reference_context(self):
-        """Context in which ``reference`` computes pi_ref (adapter off when the DPO model is an adapter)."""
-        if self.dpo_adapter:
-            return self.reference.disable_adapter()
-        return _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def generate(actor, prompts: list[list[int]], ropts, pad_id: int, eos_id: int):
+    """Pure sampling (:func:`sample_responses`) in chunks of ``ropts.generation_batch_size`` prompts, merged
+    into one buffer; returns what :func:`layout` returns. ``ropts``: ``RolloutOptions``."""
+    chunks, responses, logps = [], [], []
+    for s in range(0, len(prompts), ropts.generation_batch_size):
+        p, pm, resp, lp = sample_responses(actor, prompts[s : s + ropts.generation_batch_size], pad_id, eos_id,
+                                           ropts.max_new_tokens, ropts.temperature)
+        chunks.append((p, pm))
+        responses.append(resp)
+        logps.append(lp)
+    return layout(chunks, responses, logps, pad_id, eos_id)
 
 
 @torch.no_grad()
@@ -416,8 +397,9 @@ def delimiter_table(tokenizer, delimiters: str) -> Tensor:
     return table
 
 
-def assemble_rewards(exp: Experience, kl_coef: float, rcfg, kl_kind: str, tcfg, delimiters: Tensor | None = None):
-    """Fill ``exp``'s reward fields with :func:`rto_sim.core.compute_rto_rewards` (RTO eq. 4.7).
+def assemble_rewards(exp: Experience, kl_coef: float, rcfg, kl_kind: str, tcfg,
+                     delimiters: Tensor | None = None) -> RewardTerms:
+    """Fill ``exp.rewards`` with :func:`rto_sim.core.compute_rto_rewards` (RTO eq. 4.7); returns it.
 
     Args:
         exp: the buffer (scores and log-probs filled).
@@ -429,7 +411,7 @@ def assemble_rewards(exp: Experience, kl_coef: float, rcfg, kl_kind: str, tcfg, 
     """
     resp = exp.sequences[:, exp.prompt_width :]
     delimiter_mask = delimiters.to(resp.device)[resp] if (tcfg.mode == "semi_rto" and delimiters is not None) else None
-    terms = compute_rto_rewards(
+    exp.rewards = compute_rto_rewards(
         exp.scores,
         exp.old_logprobs,
         exp.ref_logprobs,
@@ -444,24 +426,18 @@ def assemble_rewards(exp: Experience, kl_coef: float, rcfg, kl_kind: str, tcfg, 
         delimiter_mask=delimiter_mask,
         dpo_ref_logprobs=exp.dpo_ref_logprobs,
     )
-    exp.token_level_rewards = terms.token_level_rewards
-    exp.kl = terms.kl
-    exp.dpo_rewards = terms.dpo_rewards
-    exp.dpo_token_rewards = terms.dpo_token_rewards
-    exp.score_rewards = terms.score_rewards
-    exp.kl_coef = terms.kl_coef
-    return terms
+    return exp.rewards
 
 
 def compute_advantages(exp: Experience, pcfg) -> None:
     """Fill ``advantages_raw``, ``returns`` and ``advantages`` (whitened over the whole buffer).
 
     Args:
-        exp: the buffer with ``token_level_rewards`` and ``values``.
+        exp: the buffer with ``rewards`` and ``values``.
         pcfg: ``PPOOptions`` (estimator, gamma, lam, whiten_advantages).
     """
     estimator = get_advantage_estimator(pcfg.advantage_estimator)
-    adv, ret = estimator(exp.token_level_rewards, exp.values, exp.action_mask, gamma=pcfg.gamma, lam=pcfg.lam)
+    adv, ret = estimator(exp.rewards.token_level_rewards, exp.values, exp.action_mask, gamma=pcfg.gamma, lam=pcfg.lam)
     exp.advantages_raw, exp.returns = adv, ret
     # REINFORCE++ already whitens its advantages; whitening twice would be a no-op.
     if pcfg.whiten_advantages and pcfg.advantage_estimator == "gae":

@@ -1,4 +1,4 @@
-"""Metrics of a PPO / RTO run (practice.md section 3) and the console red flags.
+"""Metrics of a PPO / RTO run (docs/practice.md section 3) and the console red flags.
 
 Names follow TRL / verl where they exist. Per rollout (from the buffer, before the update):
 
@@ -44,6 +44,7 @@ import math
 
 import torch
 
+from rto_llm.ppo.roles import n_params
 from rto_sim.core import dpo_token_reward, explained_variance, kl_penalty, masked_mean, masked_sum
 
 log = logging.getLogger("rto_llm")
@@ -63,16 +64,16 @@ def _masked_std(x: Tensor, m: Tensor) -> float:
 def rollout_metrics(exp, rto_opts, max_new_tokens: int) -> dict[str, float]:
     """Statistics of one filled rollout buffer (see the module doc for names). Masked entries never
     enter any statistic."""
-    m = exp.action_mask
+    m, terms = exp.action_mask, exp.rewards
     fm = m.float()
     lengths = fm.sum(-1)
     k1 = kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k1", mask=m)
     k3 = kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k3", mask=m)
-    kl_sum = masked_sum(exp.kl, m, dim=-1)
-    dpo_seq = masked_sum(exp.dpo_rewards, m, dim=-1)
-    score_part = masked_sum(exp.score_rewards, m, dim=-1)
-    kl_part = -exp.kl_coef * kl_sum
-    ret = masked_sum(exp.token_level_rewards, m, dim=-1)
+    kl_sum = masked_sum(terms.kl, m, dim=-1)
+    dpo_seq = masked_sum(terms.dpo_rewards, m, dim=-1)
+    score_part = masked_sum(terms.score_rewards, m, dim=-1)
+    kl_part = -terms.kl_coef * kl_sum
+    ret = masked_sum(terms.token_level_rewards, m, dim=-1)
     raw = exp.raw_scores.float()
     row = {
         "objective/scores": float(raw.mean()),
@@ -85,7 +86,7 @@ def rollout_metrics(exp, rto_opts, max_new_tokens: int) -> dict[str, float]:
         "objective/kl_used": float(kl_sum.mean()),
         "objective/rlhf_reward": float(ret.mean()),
         "objective/non_score_reward": float(kl_part.mean()),
-        "objective/beta2": float(exp.kl_coef),
+        "objective/beta2": float(terms.kl_coef),
         "objective/entropy": float(masked_mean(exp.entropy, m)),
         "objective/ppl_policy": math.exp(-float(masked_mean(exp.old_logprobs, m))),
         "objective/ppl_ref": math.exp(-float(masked_mean(exp.ref_logprobs, m))),
@@ -108,7 +109,7 @@ def rollout_metrics(exp, rto_opts, max_new_tokens: int) -> dict[str, float]:
         ref = exp.ref_logprobs if exp.dpo_ref_logprobs is None else exp.dpo_ref_logprobs
         unclipped = dpo_token_reward(exp.dpo_logprobs, ref, m, rto_opts.beta1, clip=None)
         clip = rto_opts.dpo_clip or float("inf")
-        d = exp.dpo_token_rewards
+        d = terms.dpo_token_rewards
         row.update({
             "rto/dpo_reward_token_mean": float(masked_mean(d, m)),
             "rto/dpo_reward_token_std": _masked_std(d, m),
@@ -168,7 +169,7 @@ class UpdateStats:
 
 
 class RedFlags:
-    """Console warnings for the signs of a broken run (practice.md section 3).
+    """Console warnings for the signs of a broken run (docs/practice.md section 3).
 
     - mean KL negative beyond noise (``objective/kl < -max(kl_tol, 3 * std / sqrt(n))``): sampling differs
       from the scored distribution;
@@ -234,13 +235,16 @@ def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
     return 0.0
 
 
-def rollout_flops(n_actor: int, n_critic: int, n_ref: int, n_rm: int, n_dpo: int, gen_tokens: int,
-                  seq_tokens: int, train_tokens: int) -> float:
+def rollout_flops(roles, exp, uses_dpo: bool, ppo_epochs: int) -> float:
     """Approximate model FLOPs of one PPO step (2N per token forward, 6N per token forward+backward).
 
     Generation: 2 N_actor per generated token; scoring: forwards of actor, reference, RM, critic and DPO
-    model over the rollout; training: 6 N per trained token for the actor and the critic (attention
-    FLOPs ignored, as in the usual 6N rule).
+    model (an adapter DPO model counts as the reference) over the rollout; training: 6 N per trained
+    token for the actor and the critic, ``ppo_epochs`` passes (attention FLOPs ignored, as in the 6N rule).
     """
-    fwd = 2.0 * (n_actor + n_ref + n_rm + n_critic + n_dpo) * seq_tokens
+    n_actor, n_critic = n_params(roles.actor), n_params(roles.critic)
+    n_dpo = n_params(roles.reference if roles.dpo_adapter else roles.dpo_model) if uses_dpo else 0
+    gen_tokens, seq_tokens = float(exp.action_mask.sum()), float(exp.attention_mask.sum())
+    train_tokens = seq_tokens * ppo_epochs
+    fwd = 2.0 * (n_actor + n_params(roles.reference) + n_params(roles.reward_model) + n_critic + n_dpo) * seq_tokens
     return 2.0 * n_actor * gen_tokens + fwd + 6.0 * (n_actor + n_critic) * train_tokens

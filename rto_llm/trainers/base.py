@@ -21,10 +21,10 @@ import torch
 
 from rto_llm import checkpoint as ckpt
 from rto_llm.config import ConfigError, save_config, to_dict
-from rto_llm.data import load_examples
+from rto_llm.data import load_examples, step_indices
 from rto_llm.distributed import all_reduce_sum, barrier, create_engine, init_distributed
 from rto_llm.logging import MetricsLogger, setup_console_logging
-from rto_llm.models import check_tokenizers, load_tokenizer
+from rto_llm.models import check_tokenizers, model_tokenizer
 
 log = logging.getLogger("rto_llm")
 
@@ -84,10 +84,7 @@ class Trainer:
         self.info = init_distributed(cfg.train.device)
         setup_console_logging(self.info.is_main)
         ckpt.seed_everything(cfg.train.seed)
-        m = cfg.model
-        self.tokenizer = load_tokenizer(
-            m.tokenizer_path or m.path, m.allow_hub, "" if m.tokenizer_path else m.gguf_file, m.trust_remote_code
-        )
+        self.tokenizer = model_tokenizer(cfg.model)
         check_tokenizers({"policy": self.tokenizer})
         self.pad_id = self.tokenizer.pad_token_id
         self.model = self.build_model()
@@ -104,9 +101,8 @@ class Trainer:
         self._plan_batches()
         self.model.to(self.info.device)
         self.before_engine()
-        self.engine = create_engine(self.model, cfg, self.total_steps, self.grad_accum, self.info)
+        self.engine = create_engine(self.model, cfg.train, cfg.deepspeed, self.total_steps, self.grad_accum, self.info)
         self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
-        self._perm_cache: tuple[int, list[int]] | None = None
 
     def _plan_batches(self) -> None:
         t, W = self.cfg.train, self.info.world_size
@@ -126,12 +122,8 @@ class Trainer:
 
     def batch_indices(self, step: int) -> list[int]:
         """Global batch of step ``step``: a fresh permutation per epoch from (seed, epoch); drop-last."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.train.seed + epoch)
-            self._perm_cache = (epoch, torch.randperm(len(self.train_examples), generator=g).tolist())
-        B = self.cfg.train.batch_size
-        return self._perm_cache[1][pos * B : (pos + 1) * B]
+        t = self.cfg.train
+        return step_indices(len(self.train_examples), t.seed, step, self.steps_per_epoch, t.batch_size)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in batch.items()}

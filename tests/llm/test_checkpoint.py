@@ -1,4 +1,4 @@
-"""Atomic checkpoints and exact resume (practice.md invariant 18)."""
+"""Atomic checkpoints and exact resume (docs/practice.md invariant 18)."""
 
 import os
 

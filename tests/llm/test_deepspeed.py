@@ -2,58 +2,30 @@
 torchrun through the CLI match one plain-torch process. Tolerance: 1e-5 absolute on per-step losses and
 final weights (float32 sums in another order; observed differences are ~2e-7)."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from lm_helpers import assert_runs_match
 
 from rto_llm.config import DPOConfig, SFTConfig
+from rto_llm.distributed import free_port
 
 pytest.importorskip("deepspeed")
-
-TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(stage: str, overrides: list[str], nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "-m", "rto_llm.cli", stage, *overrides]
+           f"--master_port={free_port()}", "-m", "rto_llm.cli", stage, *overrides]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-
-
-def _metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def _args(cfg) -> list[str]:
     return [f"model.path={cfg.model.path}", f"data.train_path={cfg.data.train_path}", "log.progress_bar=false",
             "log.tensorboard=false", "train.device=cpu", f"train.batch_size={cfg.train.batch_size}"]
-
-
-def _compare(single_dir, ds_dir, n_steps, init_dir):
-    ref, got = _metrics(single_dir), _metrics(ds_dir)
-    assert [r["step"] for r in got] == list(range(1, n_steps + 1))
-    for r, g in zip(ref, got):
-        assert g["train/loss"] == pytest.approx(r["train/loss"], abs=TOL)
-    a = load_file(os.path.join(single_dir, "final", "model.safetensors"))
-    b = load_file(os.path.join(ds_dir, "final", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=0)
-    init = load_file(os.path.join(init_dir, "model.safetensors"))
-    assert max((init[k] - a[k]).abs().max().item() for k in a) > 100 * TOL  # training really moved weights
 
 
 @pytest.mark.parametrize("backend", ["deepspeed-zero2", "torch"])
@@ -69,7 +41,7 @@ def test_two_process_sft_matches_single_process(make_cfg, tmp_path, backend):
     engine = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"] if backend != "torch" else []
     _torchrun("sft", _args(cfg) + ["train.lr=3e-3", "train.max_steps=4", "train.micro_batch_size=4",
                                    f"train.output_dir={ds_dir}", *engine])
-    _compare(single, ds_dir, 4, cfg.model.path)
+    assert_runs_match(single, ds_dir, 4, cfg.model.path)
 
 
 def test_two_process_zero3_dpo_interrupted_and_resumed_matches_single_process(make_cfg, tmp_path):
@@ -86,4 +58,4 @@ def test_two_process_zero3_dpo_interrupted_and_resumed_matches_single_process(ma
     assert open(ds_dir / "checkpoints" / "latest").read() == "step-00000002"
     assert not (ds_dir / "final").exists()
     _torchrun("dpo", common + ["checkpoint.resume=latest"])
-    _compare(single, ds_dir, 4, cfg.model.path)
+    assert_runs_match(single, ds_dir, 4, cfg.model.path)

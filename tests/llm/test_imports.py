@@ -7,10 +7,14 @@ import sys
 HEAVY = ["transformers", "deepspeed", "peft", "wandb", "datasets", "tensorboard"]
 
 
+def _run(code: str) -> str:
+    """The stripped stdout of ``python -c code`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _loaded_after(stmt: str) -> list[str]:
-    code = f"import sys; {stmt}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return [m for m in out.strip().split(",") if m]
+    out = _run(f"import sys; {stmt}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    return [m for m in out.split(",") if m]
 
 
 def test_rto_llm_import_is_light():
@@ -30,8 +34,7 @@ def test_core_is_torch_only():
     code = ("import sys; import rto_sim.core; "
             "print(','.join(m for m in ('scipy', 'pandas', 'gymnasium', 'pyarrow', 'transformers', 'deepspeed') "
             "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == ""
+    assert _run(code) == ""
 
 
 def test_rto_sim_package_and_cli_help_are_light():
@@ -39,8 +42,7 @@ def test_rto_sim_package_and_cli_help_are_light():
     code = ("import sys, contextlib, io; import rto_sim; from rto_sim import cli\n"
             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): cli.main(['--help'])\n"
             "print(','.join(m for m in ('scipy', 'pandas', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == ""
+    assert _run(code) == ""
     # the lazy names still resolve to the real objects
     from rto_sim import TokenMDP
     from rto_sim.mdp import TokenMDP as T2

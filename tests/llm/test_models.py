@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from lm_helpers import provider_logprobs, response_logprobs
 
 from rto_llm.config import ModelConfig
 from rto_llm.models import (
@@ -71,8 +72,8 @@ def test_left_padding_does_not_change_logprobs(arch, tiny_llama, tiny_tokenizer)
     ids0, m0 = _batch(tok, ["count up from 1 2 3 4 5 6", "count 7 8"], left=True)
     ids1, m1 = _batch(tok, ["count up from 1 2 3 4 5 6", "count 7 8"], left=True, extra=10)
     resp = 2  # the last two tokens of each row are the "response"
-    lp0 = forward_logprobs(model, ids0, m0, response_start=ids0.shape[1] - resp)
-    lp1 = forward_logprobs(model, ids1, m1, response_start=ids1.shape[1] - resp)
+    lp0 = response_logprobs(model, ids0, m0, ids0.shape[1] - resp)
+    lp1 = response_logprobs(model, ids1, m1, ids1.shape[1] - resp)
     assert lp0.shape == (2, resp)
     torch.testing.assert_close(lp0, lp1, atol=1e-5, rtol=0)
     if arch == "gpt2":
@@ -88,7 +89,7 @@ def test_logprobs_match_teacher_forced_nll(tiny_llama, tiny_tokenizer):
     labels = ids.clone()
     labels[:, :start] = -100
     nll = tiny_llama(input_ids=ids, attention_mask=mask, labels=labels).loss
-    lp = forward_logprobs(tiny_llama, ids, mask, response_start=start)
+    lp = response_logprobs(tiny_llama, ids, mask, start)
     torch.testing.assert_close(-lp.mean(), nll, atol=1e-6, rtol=0)
     # the (B, T) layout with a response mask gives the same numbers, zero elsewhere
     rmask = torch.zeros_like(mask)
@@ -97,7 +98,7 @@ def test_logprobs_match_teacher_forced_nll(tiny_llama, tiny_tokenizer):
     torch.testing.assert_close(full[:, start:], lp)
     assert (full[:, :start] == 0).all()
     # temperature divides the logits
-    lp_t = forward_logprobs(tiny_llama, ids, mask, response_start=start, temperature=2.0)
+    lp_t = response_logprobs(tiny_llama, ids, mask, start, temperature=2.0)
     logits = tiny_llama(input_ids=ids).logits[:, start - 1 : -1] / 2.0
     ref = torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
     torch.testing.assert_close(lp_t, ref, atol=1e-5, rtol=0)
@@ -135,12 +136,11 @@ def test_dropout_off_in_frozen_and_trained_roles(tiny_model_dir):
     ids, mask = _batch(tok, ["count up from 1 2 3"])
     prepare_trainable(model, ModelConfig(path="x"))
     assert model.training
-    a = forward_logprobs(model, ids, mask, response_start=2)
-    b = forward_logprobs(model, ids, mask, response_start=2)
+    a = response_logprobs(model, ids, mask, 2)
+    b = response_logprobs(model, ids, mask, 2)
     assert torch.equal(a, b)
     kept = prepare_trainable(build_tiny_llama(tok, attention_dropout=0.5), ModelConfig(path="x", dropout=True))
-    assert not torch.equal(forward_logprobs(kept, ids, mask, response_start=2),
-                           forward_logprobs(kept, ids, mask, response_start=2))
+    assert not torch.equal(response_logprobs(kept, ids, mask, 2), response_logprobs(kept, ids, mask, 2))
     ref = load_causal_lm(ModelConfig(path=tiny_model_dir), trainable=False)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
 
@@ -164,9 +164,8 @@ def test_lora_dpo_provider_shares_base_weights(tiny_model_dir, tiny_tokenizer):
                 p.normal_(0, 0.05)
     provider = DPOTokenRewardProvider(peft_model)
     ids, mask = _batch(tiny_tokenizer, ["count up from 1 2 3", "hello 4 5"], left=True)
-    ref_lp = provider.reference_logprobs(ids, mask, response_start=4)
-    dpo_lp = provider.dpo_logprobs(ids, mask, response_start=4)
-    torch.testing.assert_close(ref_lp, forward_logprobs(reference, ids, mask, response_start=4), atol=1e-6, rtol=0)
+    ref_lp, dpo_lp = provider_logprobs(provider, ids, mask, 4)
+    torch.testing.assert_close(ref_lp, response_logprobs(reference, ids, mask, 4), atol=1e-6, rtol=0)
     assert (ref_lp - dpo_lp).abs().max() > 1e-4
     # one copy of the base: parameters = base + adapter
     n_base = sum(p.numel() for p in reference.parameters())
@@ -192,9 +191,9 @@ def test_provider_from_saved_adapter_and_full_model(tiny_model_dir, tiny_tokeniz
     merged.save_pretrained(tmp_path / "full")
     p2 = DPOTokenRewardProvider.from_paths(ModelConfig(path=tiny_model_dir), str(tmp_path / "full"), tiny_model_dir)
     assert not p2.adapter
-    torch.testing.assert_close(p1.dpo_logprobs(ids, mask, 3), p2.dpo_logprobs(ids, mask, 3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(p1.reference_logprobs(ids, mask, 3), p2.reference_logprobs(ids, mask, 3),
-                               atol=1e-6, rtol=0)
+    (ref1, dpo1), (ref2, dpo2) = provider_logprobs(p1, ids, mask, 3), provider_logprobs(p2, ids, mask, 3)
+    torch.testing.assert_close(dpo1, dpo2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref1, ref2, atol=1e-6, rtol=0)
 
 
 def test_freeze_is_eval_and_no_grad(tiny_tokenizer):

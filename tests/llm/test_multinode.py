@@ -21,7 +21,10 @@ from rto_llm.config import SFTConfig
 
 pytest.importorskip("deepspeed")
 
-from test_deepspeed import _args, _compare, _free_port  # noqa: E402
+from lm_helpers import assert_runs_match  # noqa: E402
+from test_deepspeed import _args  # noqa: E402
+
+from rto_llm.distributed import free_port  # noqa: E402
 
 TIMEOUT = 120
 
@@ -30,7 +33,7 @@ def _two_node_torchrun(stage: str, overrides: list[str], log_dir) -> None:
     """Both agents start at once (node 1 waits at the rendezvous for node 0); each node logs to a file so a
     full pipe can never stall one node while the other waits for it in a collective."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    port = _free_port()
+    port = free_port()
     logs = [open(log_dir / f"node{node}.log", "w+") for node in (0, 1)]
     procs = [
         subprocess.Popen(
@@ -70,7 +73,7 @@ def test_two_node_zero2_sft_matches_single_process(make_cfg, tmp_path):
         "train.lr=3e-3", "train.max_steps=4", "train.micro_batch_size=4", f"train.output_dir={out}",
         "deepspeed.enabled=true", "deepspeed.zero_stage=2", "checkpoint.save_every=2",
     ], tmp_path)
-    _compare(cfg.train.output_dir, out, 4, cfg.model.path)
+    assert_runs_match(cfg.train.output_dir, out, 4, cfg.model.path)
     ckpts = out / "checkpoints"
     assert open(ckpts / "latest").read() == "step-00000004"
     assert sorted(os.listdir(ckpts)) == ["latest", "step-00000002", "step-00000004"]  # no leftover temporaries

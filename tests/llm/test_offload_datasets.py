@@ -12,25 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
+from lm_helpers import assert_runs_match, read_metrics
 from safetensors.torch import load_file
 
 from rto_llm.config import SFTConfig, load_config
+from rto_llm.distributed import free_port
 
-TOL = 1e-5
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # The CLI, printing what DeepSpeed was really set up with (the offload / bf16 settings are not just accepted).
 _REPORT = (
@@ -54,17 +46,13 @@ def _one_process(stage: str, overrides: list[str]) -> dict:
     """The CLI as one process of a one-process launch (the env torchrun would set); DeepSpeed's settings."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     res = subprocess.run([sys.executable, "-c", _REPORT, stage, *overrides], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     lines = [x for x in res.stdout.splitlines() if x.startswith("DSREPORT ")]
     assert len(lines) == 1, res.stdout[-3000:]
     return json.loads(lines[0].removeprefix("DSREPORT "))
-
-
-def _metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def _sft_args(model_dir, data_path, out_dir, *extra) -> list[str]:
@@ -92,18 +80,7 @@ def test_zero_cpu_offload_sft_matches_plain_torch(torch_sft_run, tiny_model_dir,
     # DeepSpeed runs its offload path (on a CPU-only machine the states stay in host memory either way)
     assert ds["cpu_offload"] and ds["zero_optimizer_offload"] and ds["client_optimizer"] == "AdamW"
     assert ds["offload_param"] == (zero_stage == 3) and not ds["bf16"]
-    ref, got = _metrics(torch_sft_run), _metrics(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for r, g in zip(ref, got):
-        assert g["train/loss"] == pytest.approx(r["train/loss"], abs=TOL)
-        assert g["train/grad_norm"] == pytest.approx(r["train/grad_norm"], rel=1e-4)
-    a = load_file(os.path.join(torch_sft_run, "final", "model.safetensors"))
-    b = load_file(os.path.join(out, "final", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=0)
-    init = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
-    assert max((init[k] - a[k]).abs().max().item() for k in a) > 100 * TOL  # training really moved weights
+    assert_runs_match(torch_sft_run, out, STEPS, tiny_model_dir, grad_norm_rel=1e-4)
 
 
 def test_deepspeed_bf16_on_cpu_runs(torch_sft_run, tiny_model_dir, toy_data, tmp_path):
@@ -112,7 +89,7 @@ def test_deepspeed_bf16_on_cpu_runs(torch_sft_run, tiny_model_dir, toy_data, tmp
     ds = _one_process("sft", _sft_args(tiny_model_dir, toy_data["sft"], out, "deepspeed.enabled=true",
                                        "deepspeed.zero_stage=2", "deepspeed.bf16=true"))
     assert ds["bf16"] and ds["param_dtype"] == "torch.bfloat16" and not ds["cpu_offload"]
-    got, ref = _metrics(out), _metrics(torch_sft_run)
+    got, ref = read_metrics(out), read_metrics(torch_sft_run)
     losses = [r["train/loss"] for r in got]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in got)

@@ -1,11 +1,15 @@
 """Fixtures for the PPO / RTO tests: tiny actor, token-counting reward model, DPO model (full and
-LoRA adapter), prompts; all written once per session, CPU only, no network."""
+LoRA adapter), prompts; all written once per session, CPU only, no network. The helpers shared with
+``tests/llm`` (``lm_helpers``) are importable here too."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llm"))
 
 pytest.importorskip("transformers")
 
@@ -16,7 +20,7 @@ import torch  # noqa: E402
 
 from rto_llm.config import load_config  # noqa: E402
 from rto_llm.ppo.config import PPOConfig  # noqa: E402
-from rto_llm.ppo.testing import ppo_overrides, write_ppo_fixture  # noqa: E402
+from rto_llm.testing import ppo_overrides, write_ppo_fixture  # noqa: E402
 
 # One thread: these models are tiny and the test machine is shared; extra threads only spin.
 torch.set_num_threads(1)

@@ -5,21 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from rto_llm.ppo.testing import ppo_overrides
+from rto_llm.distributed import free_port
+from rto_llm.testing import ppo_overrides
 from rto_sim.core import masked_whiten
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _whiten_worker(rank: int, port: int, xs, ms, out):
@@ -39,7 +33,7 @@ def test_whitening_spans_all_processes():
     xs = [torch.randn(3, 5, generator=g) * 2 + 1, torch.randn(4, 7, generator=g) - 3]  # different shapes
     ms = [torch.rand(3, 5, generator=g) > 0.3, torch.rand(4, 7, generator=g) > 0.3]
     out = mp.Manager().dict()
-    mp.spawn(_whiten_worker, args=(_free_port(), xs, ms, out), nprocs=2, join=True)
+    mp.spawn(_whiten_worker, args=(free_port(), xs, ms, out), nprocs=2, join=True)
     # reference: one buffer holding both processes' rows
     full_x, full_m = torch.zeros(7, 7), torch.zeros(7, 7, dtype=torch.bool)
     full_x[:3, :5], full_m[:3, :5] = xs[0], ms[0]
@@ -56,7 +50,7 @@ def test_two_process_rto_run(fx, tmp_path):
     over = ppo_overrides(fx, str(out), "ppo.max_rollouts=2", f"rto.dpo_path={fx['dpo']}", "checkpoint.save_every=2",
                          rollout=8, train_batch=4, micro=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "rto_llm.ppo.cli", "rto", *over]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

@@ -9,12 +9,12 @@ import os
 
 import pytest
 import torch
+from lm_helpers import response_logprobs
 
 from rto_llm.config import ConfigError, load_config
-from rto_llm.models import forward_logprobs
 from rto_llm.ppo.config import PPOConfig, RTOConfig
 from rto_llm.ppo.metrics import RedFlags
-from rto_llm.ppo.testing import ppo_overrides
+from rto_llm.testing import ppo_overrides
 from rto_sim.core import dpo_token_reward, masked_sum
 
 
@@ -66,7 +66,7 @@ def test_temperature_convention(make_trainer, prompts, fx):
 
     def lp(model, temp):
         with torch.no_grad():
-            return forward_logprobs(model, seq, am, response_start=P, temperature=temp) * m
+            return response_logprobs(model, seq, am, P, temperature=temp) * m
 
     torch.testing.assert_close(exp.old_logprobs, lp(tr.roles.actor, T), atol=1e-5, rtol=0)
     torch.testing.assert_close(exp.ref_logprobs, lp(tr.roles.reference, T), atol=1e-5, rtol=0)
@@ -74,8 +74,8 @@ def test_temperature_convention(make_trainer, prompts, fx):
     torch.testing.assert_close(exp.dpo_logprobs, lp(tr.roles.dpo_model, 1.0), atol=1e-5, rtol=0)
     unscaled = dpo_token_reward(lp(tr.roles.dpo_model, 1.0), lp(tr.roles.reference, 1.0), m, 0.5)
     scaled = dpo_token_reward(lp(tr.roles.dpo_model, T), lp(tr.roles.reference, T), m, 0.5)
-    torch.testing.assert_close(exp.dpo_token_rewards, unscaled, atol=1e-5, rtol=0)
-    assert float((exp.dpo_token_rewards - scaled).abs().max()) > 1e-3  # the convention matters
+    torch.testing.assert_close(exp.rewards.dpo_token_rewards, unscaled, atol=1e-5, rtol=0)
+    assert float((exp.rewards.dpo_token_rewards - scaled).abs().max()) > 1e-3  # the convention matters
 
 
 def test_adapter_dpo_shares_the_reference_weights(make_trainer, prompts, fx):
@@ -88,7 +88,7 @@ def test_adapter_dpo_shares_the_reference_weights(make_trainer, prompts, fx):
     assert frozen_lm == base + lora and lora < 0.5 * base  # one copy of the base weights, plus the adapter
     exp, _ = tr.make_experience(prompts)
     m = exp.action_mask
-    assert float(exp.kl.abs().sum()) == 0.0  # adapter off = the reference = the initial actor
+    assert float(exp.rewards.kl.abs().sum()) == 0.0  # adapter off = the reference = the initial actor
     # adapter on gives the DPO model: equal to the merged LoRA model's log-probs
     from peft import PeftModel
 
@@ -97,29 +97,29 @@ def test_adapter_dpo_shares_the_reference_weights(make_trainer, prompts, fx):
     base_model = load_causal_lm(dataclasses.replace(tr.cfg.model, lora_rank=0), trainable=False)
     merged = PeftModel.from_pretrained(base_model, fx["dpo_adapter"]).merge_and_unload().eval()
     with torch.no_grad():
-        lp = forward_logprobs(merged, exp.sequences, exp.attention_mask, response_start=exp.prompt_width) * m
+        lp = response_logprobs(merged, exp.sequences, exp.attention_mask, exp.prompt_width) * m
     torch.testing.assert_close(exp.dpo_logprobs, lp, atol=1e-5, rtol=0)
-    assert float(masked_sum(exp.dpo_token_rewards, m, -1).abs().min()) > 0
+    assert float(masked_sum(exp.rewards.dpo_token_rewards, m, -1).abs().min()) > 0
 
 
 def test_beta1_zero_means_no_dpo_model_at_all(make_trainer, prompts, fx, monkeypatch):
-    import rto_llm.ppo.trainer as trainer_mod
+    import rto_llm.ppo.roles as roles_mod
 
     loaded = []
-    real = trainer_mod.load_causal_lm
-    monkeypatch.setattr(trainer_mod, "load_causal_lm", lambda *a, **k: loaded.append(k.get("path")) or real(*a, **k))
+    real = roles_mod.load_causal_lm
+    monkeypatch.setattr(roles_mod, "load_causal_lm", lambda *a, **k: loaded.append(k.get("path")) or real(*a, **k))
     for over in (("rto.beta1=0",), ("rto.mode=ppo", "rto.beta1=0.05")):
         loaded.clear()
         tr = make_trainer(*over, f"rto.dpo_path={fx['dpo']}", cls=RTOConfig)
         assert fx["dpo"] not in loaded and tr.roles.dpo_model is None and not tr.roles.dpo_adapter
         torch.manual_seed(0)
         exp, _ = tr.make_experience(prompts)
-        assert exp.dpo_logprobs is None and float(exp.dpo_rewards.abs().sum()) == 0.0
+        assert exp.dpo_logprobs is None and float(exp.rewards.dpo_rewards.abs().sum()) == 0.0
     # and the reward is exactly PPO's
     ppo = make_trainer()
     torch.manual_seed(0)
     exp_ppo, _ = ppo.make_experience(prompts)
-    assert torch.equal(exp_ppo.token_level_rewards, exp.token_level_rewards)
+    assert torch.equal(exp_ppo.rewards.token_level_rewards, exp.rewards.token_level_rewards)
 
 
 @pytest.mark.parametrize("mode", ["semi_rto", "ddpo", "rs_ppo"])
@@ -131,14 +131,14 @@ def test_ablation_modes_on_the_rollout(make_trainer, prompts, fx, mode):
     exp, _ = tr.make_experience(prompts)
     m = exp.action_mask
     assert torch.equal(exp.sequences, rto_exp.sequences)
-    dense_sum = masked_sum(rto_exp.dpo_rewards, m, -1)
+    dense_sum = masked_sum(rto_exp.rewards.dpo_rewards, m, -1)
     assert dense_sum.abs().min() > 0
-    got = masked_sum(exp.dpo_rewards, m, -1)
+    got = masked_sum(exp.rewards.dpo_rewards, m, -1)
     if mode == "rs_ppo":
         torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-6, rtol=0)
     else:
         torch.testing.assert_close(got, dense_sum, atol=1e-6, rtol=0)
-    nonzero = exp.dpo_rewards != 0
+    nonzero = exp.rewards.dpo_rewards != 0
     last = torch.zeros_like(m).scatter(-1, (m.sum(-1, keepdim=True) - 1), True)
     if mode == "ddpo":
         assert bool((nonzero <= last).all())

@@ -1,4 +1,4 @@
-"""practice.md section 4, invariants 1-18, on the real rollout path (tiny CPU models)."""
+"""docs/practice.md section 4, invariants 1-18, on the real rollout path (tiny CPU models)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from rto_llm.ppo.experience import (
     truncate_after_eos,
 )
 from rto_llm.ppo.metrics import rollout_metrics
-from rto_llm.ppo.testing import ppo_overrides
+from rto_llm.testing import ppo_overrides
 from rto_sim.core import gather_logprobs, kl_penalty, last_valid_index, masked_mean, masked_sum, masked_var
 
 
@@ -45,7 +45,7 @@ def test_inv01_zero_kl_at_init(make_trainer, prompts):
     m = exp.action_mask
     assert m.sum() > 0
     assert torch.equal(exp.old_logprobs, exp.ref_logprobs)  # policy = reference checkpoint: bitwise
-    assert float(exp.kl.abs().sum()) == 0.0
+    assert float(exp.rewards.kl.abs().sum()) == 0.0
     row = rollout_metrics(exp, tr.cfg.rto, tr.cfg.rollout.max_new_tokens)
     assert row["objective/kl"] == 0.0 and row["objective/non_score_reward"] == 0.0
     assert row["objective/kl_neg_frac"] == 0.0
@@ -156,8 +156,10 @@ def test_inv07_masked_positions_change_nothing(make_trainer, prompts, fx):
     for e in (exp, garbage):
         assemble_rewards(e, 0.05, tr.cfg.reward, "k1", tr.cfg.rto)
         compute_advantages(e, tr.cfg.ppo)
-    for name in ("token_level_rewards", "advantages", "returns", "kl", "dpo_rewards"):
+    for name in ("advantages", "returns"):
         assert torch.equal(getattr(exp, name), getattr(garbage, name)), name
+    for name in ("token_level_rewards", "kl", "dpo_rewards"):
+        assert torch.equal(getattr(exp.rewards, name), getattr(garbage.rewards, name)), name
     r1 = rollout_metrics(exp, tr.cfg.rto, tr.cfg.rollout.max_new_tokens)
     r2 = rollout_metrics(garbage, tr.cfg.rto, tr.cfg.rollout.max_new_tokens)
     assert r1 == r2
@@ -205,8 +207,8 @@ def test_inv09_reward_placement(make_trainer, prompts):
     # the score sits on the last valid token, which is the EOS token when the response has one
     last = last_valid_index(m)
     rows = torch.arange(exp.batch_size)
-    assert torch.equal(exp.score_rewards[rows, last], exp.scores)
-    assert float(exp.score_rewards.abs().sum()) == pytest.approx(float(exp.scores.abs().sum()))
+    assert torch.equal(exp.rewards.score_rewards[rows, last], exp.scores)
+    assert float(exp.rewards.score_rewards.abs().sum()) == pytest.approx(float(exp.scores.abs().sum()))
     resp = exp.sequences[:, exp.prompt_width :]
     assert exp.has_eos.any()
     assert bool((resp[rows, last] == tr.eos_id)[exp.has_eos].all())
@@ -215,7 +217,7 @@ def test_inv09_reward_placement(make_trainer, prompts):
     k1 = kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k1", mask=m)
     assert k1.abs().sum() > 0
     torch.testing.assert_close(
-        masked_sum(exp.token_level_rewards, m, -1), exp.scores - 0.3 * masked_sum(k1, m, -1), atol=1e-6, rtol=0
+        masked_sum(exp.rewards.token_level_rewards, m, -1), exp.scores - 0.3 * masked_sum(k1, m, -1), atol=1e-6, rtol=0
     )
 
 
@@ -224,7 +226,7 @@ def test_inv10_gae_limits(make_trainer, prompts):
     _randomize_critic(tr)
     tr.ppo_update(tr.make_experience(prompts)[0], rollout=0)
     exp, _ = tr.make_experience(prompts)
-    m, r, v = exp.action_mask, exp.token_level_rewards, exp.values
+    m, r, v = exp.action_mask, exp.rewards.token_level_rewards, exp.values
     assert v[m].abs().sum() > 0
     v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1) * torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
     compute_advantages(exp, dataclasses.replace(tr.cfg.ppo, lam=0.0, gamma=1.0, whiten_advantages=False))
@@ -361,7 +363,8 @@ def test_inv16_kl_sign(make_trainer, prompts):
     m = exp.action_mask
     k1 = exp.old_logprobs - exp.ref_logprobs
     assert k1[m].abs().sum() > 0
-    kl_term = exp.token_level_rewards - exp.dpo_rewards - exp.score_rewards
+    terms = exp.rewards
+    kl_term = terms.token_level_rewards - terms.dpo_rewards - terms.score_rewards
     torch.testing.assert_close(kl_term[m], -0.2 * k1[m], atol=1e-6, rtol=0)
     # tokens the policy now likes more than the reference are penalized, the others rewarded
     assert bool((kl_term[m & (k1 > 1e-6)] < 0).all()) and bool((kl_term[m & (k1 < -1e-6)] > 0).all())
@@ -371,7 +374,7 @@ def test_inv17_rto_token_rewards(make_trainer, prompts, fx):
     # DPO model = its reference: all DPO rewards are exactly 0
     tr = make_trainer("rto.beta1=0.5", f"rto.dpo_path={fx['actor']}", cls=RTOConfig)
     exp, _ = tr.make_experience(prompts)
-    assert float(exp.dpo_token_rewards.abs().sum()) == 0.0 and float(exp.dpo_rewards.abs().sum()) == 0.0
+    assert float(exp.rewards.dpo_token_rewards.abs().sum()) == 0.0 and float(exp.rewards.dpo_rewards.abs().sum()) == 0.0
     # a real DPO model, no clip: per-sequence sum = beta1 * (log pi_dpo(y|x) - log pi_ref(y|x)), pads 0
     tr = make_trainer("rto.beta1=0.5", "rto.dpo_clip=0", f"rto.dpo_path={fx['dpo']}", cls=RTOConfig)
     exp, _ = tr.make_experience(prompts)
@@ -382,12 +385,12 @@ def test_inv17_rto_token_rewards(make_trainer, prompts, fx):
         lp_ref = gather_logprobs(response_logits(tr.roles.reference, seq_ids, am, P), seq_ids[:, P:])
     implicit = masked_sum(lp_dpo - lp_ref, m, -1)
     assert implicit.abs().min() > 1e-4
-    torch.testing.assert_close(masked_sum(exp.dpo_rewards, m, -1), 0.5 * implicit, atol=1e-5, rtol=0)
-    assert _pad_sum(exp.dpo_rewards, m) == 0.0 and _pad_sum(exp.dpo_token_rewards, m) == 0.0
+    torch.testing.assert_close(masked_sum(exp.rewards.dpo_rewards, m, -1), 0.5 * implicit, atol=1e-5, rtol=0)
+    assert _pad_sum(exp.rewards.dpo_rewards, m) == 0.0 and _pad_sum(exp.rewards.dpo_token_rewards, m) == 0.0
     # with the clip, each token reward is in [-c, c]
     tr = make_trainer("rto.beta1=0.5", "rto.dpo_clip=0.01", f"rto.dpo_path={fx['dpo']}", cls=RTOConfig)
     exp, _ = tr.make_experience(prompts)
-    assert float(exp.dpo_token_rewards.abs().max()) == pytest.approx(0.01)
+    assert float(exp.rewards.dpo_token_rewards.abs().max()) == pytest.approx(0.01)
     assert rollout_metrics(exp, tr.cfg.rto, 6)["rto/dpo_clipfrac"] > 0
 
 

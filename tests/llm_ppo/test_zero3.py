@@ -18,7 +18,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from rto_llm.ppo.testing import ppo_overrides
+from rto_llm.testing import ppo_overrides
 
 pytest.importorskip("deepspeed")
 
