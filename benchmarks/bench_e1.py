@@ -35,15 +35,15 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="results folder (default: a fresh temporary folder, removed)")
     ap.add_argument("--write-md", action="store_true", help="write benchmarks/results/e1.md")
     args = ap.parse_args()
-    full = e1.config(quick=False)
+    full = e1.Config()
     tmp = None
     if args.out is None:
         tmp = tempfile.mkdtemp(prefix="bench_e1_")
         out = Path(tmp)
     else:
         out = Path(args.out)
-    n_cells = len(full["reward_classes"]) * len(full["H"]) * len(full["N"]) * args.seeds
-    n_full = len(full["reward_classes"]) * len(full["H"]) * len(full["N"]) * full["seeds"]
+    n_cells = len(full.reward_classes) * len(full.H) * len(full.N) * args.seeds
+    n_full = len(full.reward_classes) * len(full.H) * len(full.N) * full.seeds
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     summary = run_experiment("E1", out, quick=False, seeds=args.seeds, workers=args.workers)

@@ -1,14 +1,14 @@
 """Speed of the tabular PPO / RTO trainer and wall time of the E7 grids.
 
-1. PPO updates per second on a toy tree MDP (A = 4, H = 8: 65,536 responses, 21,845 states), scheme "rto",
+1. PPO updates per second on a toy tree MDP (A = 4, H = 8: 65,536 responses, 21,845 states), mode "rto",
    B = 256 episodes per rollout, 4 epochs x 4 minibatches, exact evaluation after every update included
    (and, separately, without it).
 2. Wall time of `rto-sim experiment E7 --quick` and of the full E7 grid (target: under 10 minutes).
 
     .venv/bin/python benchmarks/bench_ppo.py [--skip-full] [--out benchmarks/results/ppo.md]
 
-The experiments set numpy's/scipy's OpenBLAS to one thread themselves (`e7.blas_single_thread`) and the
-trainer sets torch to one thread: on a shared 2-core machine multi-threading costs ~10x on these tiny
+The experiments set numpy's/scipy's OpenBLAS to one thread themselves (`rto_sim.results.single_thread_blas`)
+and the trainer sets torch to one thread: on a shared 2-core machine multi-threading costs ~10x on these tiny
 problems. The load average (other processes) is printed at the start and the end.
 """
 
@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from rto_sim import TokenMDP, draw_theta, make_features, soft_bellman
 from rto_sim.experiments import run_experiment
-from rto_sim.tabular_ppo import PPOConfig, TabularPPOTrainer
+from rto_sim.tabular_ppo import TabularPPOConfig, TabularPPOTrainer
 
 
 def bench_updates(n_updates: int, evaluate_each: bool) -> tuple[float, float]:
@@ -32,9 +34,8 @@ def bench_updates(n_updates: int, evaluate_each: bool) -> tuple[float, float]:
     phi = make_features(mdp, "bigram")
     r = phi.token_reward(draw_theta(mdp, phi, return_var=0.25, seed=1))
     log_dpo = soft_bellman(mdp, r, 0.1).log_policy
-    cfg = PPOConfig(scheme="rto", n_updates=n_updates, batch_size=256, ppo_epochs=4, n_minibatches=4, seed=0)
+    cfg = TabularPPOConfig(mode="rto", n_updates=n_updates, batch_size=256, epochs=4, n_minibatches=4, seed=0)
     tr = TabularPPOTrainer(mdp, r, r, log_dpo, cfg)
-    import torch
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if evaluate_each:

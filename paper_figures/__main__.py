@@ -2,20 +2,24 @@
 
 Runs each experiment into OUT/<name>/ (reusing finished results with the same config), then draws its
 figures into OUT/figures/ and a markdown table OUT/<name>.md. A failed check is reported, not hidden.
+Experiments run in the order of `FIGURES` (the paper's order of claims), then every other experiment of
+the registry (`rto_sim.experiments.EXPERIMENTS`): those have no figure, but their checks are in the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from rto_sim.experiments import run_experiment
+from rto_sim.experiments import EXPERIMENTS, config_dict, make_config, run_experiment
 from rto_sim.results import config_hash
 
 from . import e0, e1, e2, e3, e5, e7, heatmap
+from .llm_logs import draw as draw_llm
 from .report import write_report
 
 # experiment -> figure function(summary, out) -> paths; order = the paper's order of claims
@@ -24,9 +28,7 @@ FIGURES = {"E0": e0.draw, "E2": e2.draw, "E1": e1.draw_e1, "E1b": e1.draw_e1b, "
 
 
 def ensure_results(name: str, out: Path, quick: bool) -> dict:
-    from rto_sim.experiments import get_experiment
-
-    cfg = get_experiment(name).config(quick)
+    cfg = config_dict(make_config(name, quick))
     summ = out / name / "summary.json"
     if summ.exists():
         s = json.loads(summ.read_text())
@@ -52,12 +54,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     failed, summaries, timings = [], {}, {}
-    for name, draw in FIGURES.items():
+    for name in [*FIGURES, *(n for n in EXPERIMENTS if n not in FIGURES)]:
         if args.only and name not in args.only:
             continue
         t1 = time.perf_counter()
         summary = ensure_results(name, out, args.quick)
-        for path in draw(summary, out):
+        for path in FIGURES[name](summary, out) if name in FIGURES else []:
             print(f"[{name}] wrote {path}")
         summaries[name] = summary
         timings[name] = time.perf_counter() - t1
@@ -66,13 +68,9 @@ def main(argv=None) -> int:
         for path in heatmap.draw(out, args.quick):
             print(f"[heatmap] wrote {path}")
     if args.llm_logs:
-        from .llm_logs import draw as draw_llm
-
         for path in draw_llm(Path(args.llm_logs), out):
             print(f"[llm] wrote {path}")
     if args.gallery:
-        import shutil
-
         Path(args.gallery).mkdir(parents=True, exist_ok=True)
         for png in sorted((out / "figures").glob("*.png")):
             shutil.copy(png, Path(args.gallery) / png.name)

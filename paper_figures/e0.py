@@ -1,4 +1,4 @@
-"""E0 figure: max absolute error of every exact identity (theory.md section 2), with tolerances."""
+"""E0 figure: max absolute error of every exact identity (docs/theory.md section 2), with tolerances."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from rto_sim.results import atomic_write_bytes, read_table
 
-from .style import plt, save
+from .style import plt, run_info, save
 
 
 def draw(summary: dict, out: Path) -> list[Path]:
@@ -27,8 +27,7 @@ def draw(summary: dict, out: Path) -> list[Path]:
     ax.legend(loc="lower right")
     A_vals, betas = sorted(int(a) for a in df.A.unique()), sorted(float(b) for b in df.beta.unique())
     cap = (f"E0: {df.instance.nunique()} random trees/automata (A in {A_vals}, H <= {df.H.max()}, "
-           f"EOS on/off, beta in {betas}); config {summary['config_hash']}; "
-           f"wall {summary['wall_time_s']:.1f}s")
+           f"EOS on/off, beta in {betas}); {run_info(summary, 1)}")
     paths = save(fig, out, "E0_identities", cap)
     lines = ["| identity | max abs error | tolerance | verdict |", "|---|---|---|---|"]
     for n in names:

@@ -10,7 +10,7 @@ import numpy as np
 
 from rto_sim.results import read_table
 
-from .style import plt, save
+from .style import plt, run_info, save
 
 STYLE = {"token_mle": ("tab:red", "o-"), "bandit_mle": ("tab:blue", "s-"), "tabular_dpo": ("tab:green", "x--")}
 
@@ -47,7 +47,7 @@ def draw_e1(summary: dict, out: Path) -> list[Path]:
     axes[0][0].legend(fontsize=5.5)
     seeds = int(df.seed.nunique())
     cap = (f"E1: A={int(df.A.iloc[0])}, H={H0}; mean and 95% CI over {seeds} seeds; dotted: asymptotic theory; "
-           f"config {summary['config_hash']}; wall {summary['wall_time_s']:.0f}s")
+           f"{run_info(summary)}")
     return save(fig, out, "E1_token_vs_bandit", cap)
 
 
@@ -69,5 +69,5 @@ def draw_e1b(summary: dict, out: Path) -> list[Path]:
     ax.set(xlabel="H", ylabel="centred-return RMSE", title=f"error vs H at N = {int(df.N.iloc[0])}")
     ax.legend(fontsize=6)
     cap = (f"E1b: A={int(df.A.iloc[0])}, stationary unigram reward, Var_mu(R) fixed; {int(df.seed.nunique())} "
-           f"seeds; config {summary['config_hash']}; wall {summary['wall_time_s']:.0f}s")
+           f"seeds; {run_info(summary)}")
     return save(fig, out, "E1b_error_vs_H", cap)

@@ -9,7 +9,7 @@ import numpy as np
 
 from rto_sim.results import read_table
 
-from .style import plt, save
+from .style import plt, run_info, save
 
 TOKEN = "token_best_first_known_queries"
 
@@ -62,5 +62,5 @@ def draw(summary: dict, out: Path) -> list[Path]:
     cap = (f"E2 Proposition 3.2: {len(df)} instances (p* < 1), A in {sorted(int(a) for a in df.A.unique())}, "
            f"H <= {int(df.H.max())}, evaluator families {sorted(df.family.unique())}; token learner = best-first "
            f"pruning; {summary['config'].get('seeds')} seeds per evaluator setting; "
-           f"config {summary['config_hash']}; wall {summary['wall_time_s']:.1f}s")
+           f"{run_info(summary, 1)}")
     return save(fig, out, "E2_prop32_queries", cap)

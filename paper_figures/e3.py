@@ -9,7 +9,7 @@ import numpy as np
 
 from rto_sim.results import read_table
 
-from .style import plt, save
+from .style import plt, run_info, save
 
 
 def draw_e3(summary: dict, out: Path) -> list[Path]:
@@ -42,8 +42,7 @@ def draw_e3(summary: dict, out: Path) -> list[Path]:
     cap = (f"E3: A={summary['config'].get('A')}, H={summary['config'].get('H')}; classes "
            f"{list(summary['config'].get('classes', {}))}; Gibbs: mean over {summary['config'].get('seeds_gibbs')} "
            f"seeds; bounds: {summary['config'].get('eval_seeds')} evaluation seeds per N; "
-           f"config {summary['config_hash']}; "
-           f"wall {summary['wall_time_s']:.0f}s")
+           f"{run_info(summary)}")
     return save(fig, out, "E3_policy_quality", cap)
 
 
@@ -73,5 +72,5 @@ def draw_e6(summary: dict, out: Path) -> list[Path]:
     cap = (f"E6: equal per-step marginals, different joint laws; {summary['config'].get('feature')} features; "
            f"{summary['config'].get('eval_seeds')} evaluation seeds x {len(summary['config'].get('theta_seeds', []))} "
            f"theta*; bars: mean and 95% CI; "
-           f"config {summary['config_hash']}; wall {summary['wall_time_s']:.0f}s")
+           f"{run_info(summary)}")
     return save(fig, out, "E6_coverage", cap)

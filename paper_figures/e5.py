@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rto_sim.results import read_table
 
-from .style import plt, save
+from .style import plt, run_info, save
 
 
 def _curve(ax, d, **kw):
@@ -48,5 +48,5 @@ def draw(summary: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=6)
     seeds = int(df.seed.nunique())
     cap = (f"E5 overoptimization: solid = Gibbs family pi ~ pi_ref exp(proxy/t) swept in t, dashed = best-of-n "
-           f"(exact law); mean over {seeds} seeds; config {summary['config_hash']}; wall {summary['wall_time_s']:.0f}s")
+           f"(exact law); mean over {seeds} seeds; {run_info(summary)}")
     return save(fig, out, "E5_overoptimization", cap)

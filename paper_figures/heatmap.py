@@ -4,7 +4,7 @@ A small deterministic run ((h, last token) automaton, A=4 with EOS, H=6, bigram 
 from pi_ref, tabular DPO at beta = 1 over the automaton's states: parameter sharing makes the DPO solution
 identifiable; on the full tree the unregularized DPO logits diverge, the tree-tabular trap) writes its
 tidy table OUT/heatmap/results.csv; the figure reads it. Three rows per response: the true token reward
-r(s,a), the exact DPO reward of pi*_beta (= r + V*(s') - V*(s), a potential-shaped r, theory identity 2)
+r(s,a), the exact DPO reward of pi*_beta (= r + V*(s') - V*(s), a potential-shaped r, docs/theory.md identity 2)
 and the fitted DPO model's reward."""
 
 from __future__ import annotations

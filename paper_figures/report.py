@@ -1,10 +1,9 @@
 """paper_figures/REPORT.md: claim | paper's statement | our measurement | verdict, generated from the
 experiment summaries (never written by hand). The claim texts below are static references to the paper
-and theory.md section 6; every number in the report comes from OUT/<experiment>/summary.json."""
+and docs/theory.md section 6; every number in the report comes from OUT/<experiment>/summary.json."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -80,11 +79,3 @@ def write_report(summaries: dict[str, dict], path: Path, timings: dict[str, floa
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
 
-
-def load_summaries(out: Path, names) -> dict[str, dict]:
-    res = {}
-    for n in names:
-        p = out / n / "summary.json"
-        if p.exists():
-            res[n] = json.loads(p.read_text())
-    return res

@@ -13,6 +13,11 @@ plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True, "grid
                      "axes.spines.top": False, "axes.spines.right": False})
 
 
+def run_info(summary: dict, digits: int = 0) -> str:
+    """The end of every caption: "config <hash>; wall <seconds>s" of the experiment's summary."""
+    return f"config {summary['config_hash']}; wall {summary['wall_time_s']:.{digits}f}s"
+
+
 def save(fig, out: Path, stem: str, caption: str) -> list[Path]:
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)

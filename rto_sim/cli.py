@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--format", default="parquet", choices=["parquet", "csv"], help="results table format")
     ex.add_argument("--overwrite", action="store_true", help="replace results written by another config")
     ex.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override config keys (values parsed as JSON, e.g. --set seeds=5 'H=[2,3]')")
+                    help="override fields of the experiment's Config (values parsed as JSON and checked against "
+                         "the field types, e.g. --set seeds=5 'H=[2,3]')")
     sub.add_parser("list", help="list the experiments")
     args = parser.parse_args(argv)
     if args.command == "list":

@@ -1,4 +1,4 @@
-"""Exact computations on a TokenMDP (theory.md sections 1-2).
+"""Exact computations on a TokenMDP (docs/theory.md sections 1-2).
 
 Everything here is a backward or forward recursion over the layers (the "token recursion"), so it
 works at any size the state space fits in memory; `enumerate_responses` additionally lists every
@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
 
-from .mdp import Layered, TokenMDP, check_beta, safe_log
+from .core import dpo_token_reward
+from .mdp import Layered, Responses, TokenMDP, check_beta, safe_log
 
 MAX_ENUMERATED = 2**16 * 4   # rows (prompts x responses) that `enumerate_responses` accepts by default
 
@@ -52,6 +54,15 @@ class SoftSolution:
         return [np.exp(lp) for lp in self.log_policy]
 
 
+def soft_value(log_ref: np.ndarray, q: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The soft (KL-regularized) optimum over the last axis: V = beta log sum_a pi_ref(a) exp(q(a) / beta) and
+    the Gibbs log-policy log pi*(a) = log pi_ref(a) + q(a) / beta - V / beta (computed as z - logsumexp(z)).
+    One soft-Bellman backup (q = r + V*(s')), or V*(x) = beta log Z(x) over whole responses (q = R(y))."""
+    z = log_ref + q / beta
+    lse = logsumexp(z, axis=-1)
+    return beta * lse, z - lse[..., None]
+
+
 def soft_bellman(mdp: TokenMDP, reward: Layered, beta: float) -> SoftSolution:
     """V*(s) = beta log sum_a pi_ref(a|s) exp((r(s,a) + V*(s'))/beta),
     pi*(a|s) = pi_ref(a|s) exp((r(s,a) + V*(s') - V*(s))/beta), V*(terminal) = 0."""
@@ -63,10 +74,7 @@ def soft_bellman(mdp: TokenMDP, reward: Layered, beta: float) -> SoftSolution:
     V_next = None
     for h in range(mdp.H - 1, -1, -1):
         Q[h] = reward[h] + _next_values(mdp, h, V_next)
-        z = mdp.log_pi_ref[h] + Q[h] / beta
-        lse = logsumexp(z, axis=1)
-        V[h] = beta * lse
-        logpi[h] = z - lse[:, None]
+        V[h], logpi[h] = soft_value(mdp.log_pi_ref[h], Q[h], beta)
         V_next = V[h]
     return SoftSolution(V=V, Q=Q, log_policy=logpi, beta=beta)
 
@@ -176,32 +184,16 @@ def implicit_token_reward(mdp: TokenMDP, policy: Layered, beta: float) -> Layere
 
 # ---------------------------------------------------------------------- enumeration
 @dataclass
-class Enumeration:
-    """Every complete response of every prompt.
+class Enumeration(Responses):
+    """Every complete response of every prompt (`Responses`: prompt (N,), actions (N, H) EOS-padded,
+    states (N, H); `gather` and `returns` read layered tables along them) and length: (N,) tokens through
+    the first EOS."""
 
-    prompt: (N,) prompt index; actions: (N, H) tokens (EOS-padded after the first EOS);
-    states: (N, H) layer-wise state index of s_1..s_H; length: (N,) tokens through the first EOS."""
-
-    prompt: np.ndarray
-    actions: np.ndarray
-    states: np.ndarray
     length: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.prompt)
-
-    def gather(self, layered: Layered) -> np.ndarray:
-        """(N, H) values layered[h][s_h, a_h]."""
-        return np.stack([layered[h][self.states[:, h], self.actions[:, h]] for h in range(self.actions.shape[1])],
-                        axis=1)
 
     def log_prob(self, log_policy: Layered) -> np.ndarray:
         """(N,) log pi(y | x) from a layered LOG policy."""
         return self.gather(log_policy).sum(axis=1)
-
-    def returns(self, reward: Layered) -> np.ndarray:
-        """(N,) R(y) = sum_h r(s_h, a_h)."""
-        return self.gather(reward).sum(axis=1)
 
 
 def enumerate_responses(mdp: TokenMDP, max_rows: int = MAX_ENUMERATED) -> Enumeration:
@@ -228,11 +220,7 @@ def enumerate_responses(mdp: TokenMDP, max_rows: int = MAX_ENUMERATED) -> Enumer
     digits = digits.astype(np.int64)
     prompt = np.repeat(np.arange(P), len(digits))
     actions = np.tile(digits, (P, 1))
-    states = np.zeros_like(actions)
-    states[:, 0] = prompt
-    for h in range(H - 1):
-        states[:, h + 1] = mdp.next_state[h][states[:, h], actions[:, h]]
-    return Enumeration(prompt=prompt, actions=actions, states=states, length=np.tile(length, P))
+    return Enumeration(prompt=prompt, actions=actions, states=mdp.states_of(prompt, actions), length=np.tile(length, P))
 
 
 def sequence_kl(enum: Enumeration, log_p: np.ndarray, log_q: np.ndarray, rho: np.ndarray) -> float:
@@ -250,7 +238,9 @@ def rto_reward_table(mdp: TokenMDP, reward: Layered | None = None, log_pi_dpo: L
 
     The -beta2 * log(pi/pi_ref) term is the KL regularizer: pass beta = beta2 to `soft_bellman`.
     (The sampled-trajectory form, with the score at the last token and masks, is
-    `rto_sim.core.compute_rto_rewards`.) beta1 = 0 never reads `log_pi_dpo`."""
+    `rto_sim.core.compute_rto_rewards`.) The DPO term is `core.dpo_token_reward` (the one definition of
+    the clipped DPO token reward) on every (s, a) of each layer, with tokens pi_ref forbids (log pi_ref =
+    -inf) masked to 0. beta1 = 0 never reads `log_pi_dpo`."""
     if beta1 < 0:
         raise ValueError(f"beta1 must be >= 0 (0 switches the DPO term off), got {beta1}")
     out = [np.zeros((n, mdp.A)) for n in mdp.n_states]
@@ -261,8 +251,8 @@ def rto_reward_table(mdp: TokenMDP, reward: Layered | None = None, log_pi_dpo: L
             raise ValueError("log_pi_dpo is required when beta1 > 0")
         for h in range(mdp.H):
             m = mdp.log_pi_ref[h] > -np.inf
-            t = np.where(m, beta1 * (np.where(m, log_pi_dpo[h], 0.0) - np.where(m, mdp.log_pi_ref[h], 0.0)), 0.0)
-            if clip is not None:
-                t = np.clip(t, -clip, clip)
-            out[h] = out[h] + t
+            t = dpo_token_reward(torch.as_tensor(np.where(m, log_pi_dpo[h], 0.0), dtype=torch.float64),
+                                 torch.as_tensor(np.where(m, mdp.log_pi_ref[h], 0.0), dtype=torch.float64),
+                                 torch.as_tensor(m), beta1=beta1, clip=clip)
+            out[h] = out[h] + t.numpy()
     return mdp.check_reward(out)

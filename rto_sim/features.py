@@ -1,4 +1,4 @@
-"""Linear token-reward classes r(s, a) = <phi(s, a), theta> (theory.md sections 1 and 3).
+"""Linear token-reward classes r(s, a) = <phi(s, a), theta> (docs/theory.md sections 1 and 3).
 
 A feature map is stored sparsely per layer: `index[h]` (n_h, A, m) int and `value[h]` (n_h, A, m)
 float, so phi(s, a) = sum_j value[h][s, a, j] * e_{index[h][s, a, j]} in R^d. The trajectory feature is
@@ -13,6 +13,7 @@ Classes (d for a uniform reference and no EOS):
                   "tree-tabular" control: only A^H - 1 identifiable directions, like the bandit
     terminal      sentence reward: one parameter per terminal (s, a) (the last token or EOS); on the
                   tree this is the one-hot bandit arm e_y
+    user          the caller's own features: `make_features(mdp, "user", phi=...)` (see `user_features`)
 Absorbing states get phi = 0 (zero reward after EOS).
 """
 
@@ -76,10 +77,19 @@ class FeatureMap:
         return out
 
 
-def make_features(mdp: TokenMDP, kind: str, d: int | None = None, seed: int | None = 0) -> FeatureMap:
-    """Build the feature map of a reward class on `mdp` (see module docstring)."""
+def make_features(mdp: TokenMDP, kind: str, d: int | None = None, seed: int | None = 0, phi=None) -> FeatureMap:
+    """Build the feature map of a reward class on `mdp` (see module docstring). kind="user" takes the
+    caller's features from `phi` (an array or a callable; see `user_features`)."""
+    if kind == "user":
+        if phi is None:
+            raise ValueError("kind='user' needs phi=: a list of H arrays (n_h, A, d), one (A, d) table, a flat "
+                             "(sum_h n_h * A, d) array or a callable phi(h, s, a) -> (d,)")
+        return user_features(mdp, phi)
+    if phi is not None:
+        raise ValueError(f"phi= is only read with kind='user', got kind={kind!r}: pass kind='user' to use your "
+                         "own features, or drop phi")
     if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown reward class {kind!r}; choose one of {FEATURE_KINDS}")
+        raise ValueError(f"unknown reward class {kind!r}; choose one of {FEATURE_KINDS} or 'user' (with phi=)")
     A, H = mdp.A, mdp.H
     idx, val = [], []
     if kind == "random":
@@ -127,6 +137,92 @@ def make_features(mdp: TokenMDP, kind: str, d: int | None = None, seed: int | No
     if d != int(d) or d < 1:
         raise ValueError(f"feature class {kind!r} has no parameters on this MDP")
     return FeatureMap(kind=kind, d=int(d), index=idx, value=val)
+
+
+def _user_layers(mdp: TokenMDP, phi) -> list[np.ndarray]:
+    """The dense (n_h, A, d) layers of a user feature argument (see `user_features`), shapes checked."""
+    A, H, n = mdp.A, mdp.H, mdp.n_states
+    forms = (f"a list of H={H} arrays of shape (n_h, A, d) with n_h = {n}, one ({A}, d) table (stationary), "
+             f"a flat ({sum(n) * A}, d) array (rows: layer by layer, state-major, then token) or a callable "
+             "phi(h, s, a) -> (d,)")
+    if callable(phi):
+        layers = []
+        for h in range(H):
+            rows = []
+            for s in range(n[h]):
+                for a in range(A):
+                    if mdp.absorbing[h][s]:
+                        rows.append(None)           # phi = 0 after EOS: the callable is not asked
+                        continue
+                    v = np.asarray(phi(h, s, a))
+                    if v.ndim != 1:
+                        raise ValueError(f"phi(h={h}, s={s}, a={a}) returned shape {v.shape}: the callable must "
+                                         "return a 1-D vector of length d")
+                    rows.append(v)
+            layers.append(rows)
+        dims = {len(v) for rows in layers for v in rows if v is not None}
+        if len(dims) != 1:
+            raise ValueError(f"phi(h, s, a) returned vectors of lengths {sorted(dims)}: every call must return "
+                             "the same dimension d")
+        d = dims.pop()
+        out = []
+        for h, rows in enumerate(layers):
+            z = [np.zeros(d) if v is None else v for v in rows]
+            out.append(_as_float(np.stack(z), f"phi(h={h}, ...)").reshape(n[h], A, d))
+        return out
+    if isinstance(phi, (list, tuple)):
+        if len(phi) != H:
+            raise ValueError(f"phi has {len(phi)} layers but the MDP has H={H}: pass {forms}")
+        out = [_as_float(x, f"phi[{h}]") for h, x in enumerate(phi)]
+        for h, x in enumerate(out):
+            if x.ndim != 3 or x.shape[:2] != (n[h], A):
+                raise ValueError(f"phi[{h}] has shape {x.shape}, expected ({n[h]}, {A}, d): pass {forms}")
+        if len({x.shape[2] for x in out}) != 1:
+            raise ValueError(f"phi layers have different dimensions {[x.shape[2] for x in out]}: use one d")
+        return out
+    x = _as_float(phi, "phi")
+    if x.ndim == 3 and H == 1 and x.shape[:2] == (n[0], A):
+        return [x]
+    if x.ndim == 2 and x.shape[0] == sum(n) * A:        # flat, matched to the (h, s, a) pairs
+        ends = np.cumsum([0] + [k * A for k in n])
+        return [x[ends[h]:ends[h + 1]].reshape(n[h], A, -1) for h in range(H)]
+    if x.ndim == 2 and x.shape[0] == A:                 # stationary (A, d) table
+        return [np.broadcast_to(x, (n[h], A, x.shape[1])).copy() for h in range(H)]
+    raise ValueError(f"phi has shape {x.shape}, which matches no accepted form: pass {forms}")
+
+
+def _as_float(x, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:    # ragged input
+        raise ValueError(f"{name} is not a rectangular numeric array ({e}); pass a float array") from None
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} has dtype {arr.dtype}: pass real numbers (a float array)")
+    arr = arr.astype(float)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has NaN or infinite entries: every feature must be a finite number")
+    return arr
+
+
+def user_features(mdp: TokenMDP, phi) -> FeatureMap:
+    """A FeatureMap (kind 'user') from the caller's own features phi(s, a) in R^d, in one of four forms:
+
+        list of H arrays (n_h, A, d)    per layer, row s of layer h = state s of `mdp`
+        array (A, d)                    stationary: phi(s, a) = phi[a] in every state
+        array (sum_h n_h * A, d)        flat, one row per state-action pair: layer by layer, state-major,
+                                        token-minor (row = offset_h + s * A + a)
+        callable phi(h, s, a) -> (d,)   called once per live (h, s, a)
+
+    (For one prompt and H = 1 the (A, d) and flat forms coincide.) Checked at the boundary: shape, real
+    finite values, d >= 1; absorbing (post-EOS) states get phi = 0 as for every class. Stored densely
+    (index = arange(d)), so the returned map works with `token_reward`, `psi`, `draw_theta` and the learners."""
+    layers = _user_layers(mdp, phi)
+    d = layers[0].shape[2]
+    if d < 1:
+        raise ValueError("phi has feature dimension d = 0: give at least one feature per (s, a)")
+    val = [x * (~mdp.absorbing[h])[:, None, None] for h, x in enumerate(layers)]
+    idx = [np.broadcast_to(np.arange(d), x.shape).copy() for x in val]
+    return FeatureMap(kind="user", d=int(d), index=idx, value=val)
 
 
 def draw_theta(mdp: TokenMDP, features: FeatureMap, return_var: float = 0.25, policy: Layered | None = None,

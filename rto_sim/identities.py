@@ -1,4 +1,4 @@
-"""The exact identities of theory.md section 2, each a function returning its max absolute error.
+"""The exact identities of docs/theory.md section 2, each a function returning its max absolute error.
 
 Experiment E0 and the hypothesis tests call the same functions. Every check compares two *different*
 computations (e.g. sequence-level enumeration against the token recursion), so a bug in either shows.

@@ -1,4 +1,4 @@
-"""Reward / policy learners from preference data (theory.md sections 3 and 4).
+"""Reward / policy learners from preference data (docs/theory.md sections 3 and 4).
 
 Three learners see the same `PreferenceData`:
 
@@ -10,7 +10,7 @@ Three learners see the same `PreferenceData`:
                   subject to ||theta|| <= B (optional)
 
   RIDGE CONVENTION: the log-likelihood is a SUM over pairs (not a mean) and lambda = `ridge` is the same
-  lambda as in Sigma_D = sum_i Delta_i Delta_i^T + lambda I (theory.md Algorithm 1), so the penalty's
+  lambda as in Sigma_D = sum_i Delta_i Delta_i^T + lambda I (docs/theory.md section 4), so the penalty's
   weight relative to the data shrinks like 1/N. The ball constraint is solved exactly through its KKT
   condition: the constrained optimum is the ridge solution with lambda + mu, mu >= 0 found by
   root-finding on ||theta(mu)|| = B (each solve is L-BFGS with the analytic gradient).
@@ -45,12 +45,14 @@ import scipy.sparse as sp
 import torch
 from scipy.linalg import cho_factor, cho_solve
 from scipy.optimize import brentq, minimize
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import splu
 from scipy.special import expit, log_softmax
 
 from .core import dpo_loss
 from .exact import implicit_token_reward
 from .features import FeatureMap
-from .mdp import Layered, TokenMDP, check_beta
+from .mdp import Layered, TokenMDP, check_beta, gather
 from .preferences import PreferenceData, response_codes, take, trajectory_features
 
 __all__ = ["TokenMLEFit", "BanditFit", "DPOFit", "fit_token_mle", "fit_bandit_mle", "fit_tabular_dpo",
@@ -107,7 +109,7 @@ def _lbfgs(X, w, ridge, x0, max_iter, tol):
 # ---------------------------------------------------------------------- token MLE
 @dataclass
 class TokenMLEFit:
-    """Token-level MLE of theta (theory.md section 4).
+    """Token-level MLE of theta (docs/theory.md section 4).
 
     theta: (d,) estimate; features: the FeatureMap; ridge: lambda (SUM convention, see module doc);
     norm_bound: B or None; design: Delta (N_unique, d) CSR, rows psi(y_w) - psi(y_l) of the distinct
@@ -160,7 +162,6 @@ class TokenMLEFit:
                 S = (self.design.T @ sp.diags(self.counts) @ self.design + self.ridge * sp.eye(self.features.d)).tocsc()
                 if self.ridge == 0:
                     raise ValueError("Sigma_D is singular with ridge=0; refit with ridge > 0")
-                from scipy.sparse.linalg import splu
                 self._factor = ("sparse", splu(S))
         kind, fac = self._factor
         return cho_solve(fac, B) if kind == "dense" else fac.solve(np.asarray(B, float))
@@ -334,8 +335,6 @@ def bandit_mle_exists(data: PreferenceData, mdp: TokenMDP, require_all_arms: boo
     strongly connected (Zermelo 1929 / Ford 1957); otherwise a group of arms that never loses to the
     rest can be pushed to +infinity. With require_all_arms, every one of the K responses of every prompt
     must also have been seen (needed to identify all K - 1 centred returns, e.g. for S7)."""
-    from scipy.sparse.csgraph import connected_components
-
     data = _check_data(data)
     ch, rj = data.chosen, data.rejected
     cw, cl = response_codes(ch.prompt, ch.actions, mdp.A), response_codes(rj.prompt, rj.actions, mdp.A)
@@ -380,7 +379,7 @@ class DPOFit:
     def returns(self, traj) -> np.ndarray:
         """(n,) sum_h beta log(pi_hat/pi_ref)(a_h|s_h) = R_hat(y) - V_hat(x) for Trajectories/Enumeration."""
         r = self.implicit_reward()
-        g = np.stack([r[h][traj.states[:, h], traj.actions[:, h]] for h in range(self.mdp.H)], axis=1)
+        g = gather(r, traj.states, traj.actions)
         mask = getattr(traj, "mask", None)
         return (g if mask is None else np.where(mask, g, 0.0)).sum(axis=1)
 

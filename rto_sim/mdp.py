@@ -1,4 +1,4 @@
-"""The token MDP (theory.md section 1).
+"""The token MDP (docs/theory.md section 1).
 
 A prompt x ~ rho is the initial state s_1; the state after h tokens is s_{h+1} = (x, y_1..y_h), or an
 aggregated automaton state f(prefix); the transition is deterministic. We store the MDP *layered*:
@@ -235,6 +235,16 @@ class TokenMDP:
         b = self.A - 1
         return sum(b**k for k in range(self.H)) + b**self.H   # EOS after k live tokens, or none
 
+    def states_of(self, prompt: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(n, H) layer-wise states s_1..s_H visited by the token sequences `actions` (n, H) from the prompts
+        `prompt` (n,) (the deterministic transition, applied layer by layer)."""
+        actions = np.asarray(actions, np.int64)
+        states = np.zeros_like(actions)
+        states[:, 0] = prompt
+        for h in range(self.H - 1):
+            states[:, h + 1] = self.next_state[h][states[:, h], actions[:, h]]
+        return states
+
     def flat_offsets(self) -> np.ndarray:
         """Offsets of each layer in a flat state index (for gymnasium observations)."""
         return np.concatenate([[0], np.cumsum(self.n_states)]).astype(np.int64)
@@ -250,16 +260,21 @@ class TokenMDP:
             out.append(p)
         return out
 
+    def _layered_arrays(self, layered, name: str) -> list[np.ndarray]:
+        """The H float arrays of a layered table, each checked to have shape (n_h, A)."""
+        if not isinstance(layered, (list, tuple)) or len(layered) != self.H:
+            raise ValueError(f"{name} must be a list of H={self.H} arrays of shape (n_h, A)")
+        out = [np.asarray(x, dtype=float) for x in layered]
+        for h, x in enumerate(out):
+            if x.shape != (self.n_states[h], self.A):
+                raise ValueError(f"{name}[{h}] must have shape ({self.n_states[h]}, {self.A}), got {x.shape}")
+        return out
+
     def check_policy(self, policy, name: str = "policy") -> Layered:
         """Validate a layered policy (shapes, non-negative rows summing to 1); absorbing rows are forced
         to delta_EOS as the model requires."""
-        if not isinstance(policy, (list, tuple)) or len(policy) != self.H:
-            raise ValueError(f"{name} must be a list of H={self.H} arrays of shape (n_h, A)")
         out = []
-        for h, p in enumerate(policy):
-            p = np.asarray(p, dtype=float)
-            if p.shape != (self.n_states[h], self.A):
-                raise ValueError(f"{name}[{h}] must have shape ({self.n_states[h]}, {self.A}), got {p.shape}")
+        for h, p in enumerate(self._layered_arrays(policy, name)):
             live = ~self.absorbing[h]
             if np.any(~np.isfinite(p)) or np.any(p < 0):
                 raise ValueError(f"{name}[{h}] has negative or non-finite entries: rows must be distributions")
@@ -272,13 +287,8 @@ class TokenMDP:
         return self.force_absorbing(out)
 
     def check_reward(self, reward, name: str = "reward") -> Layered:
-        if not isinstance(reward, (list, tuple)) or len(reward) != self.H:
-            raise ValueError(f"{name} must be a list of H={self.H} arrays of shape (n_h, A)")
         out = []
-        for h, r in enumerate(reward):
-            r = np.asarray(r, dtype=float)
-            if r.shape != (self.n_states[h], self.A):
-                raise ValueError(f"{name}[{h}] must have shape ({self.n_states[h]}, {self.A}), got {r.shape}")
+        for h, r in enumerate(self._layered_arrays(reward, name)):
             if np.any(~np.isfinite(r)):
                 raise ValueError(f"{name}[{h}] has non-finite entries")
             r = r.copy()
@@ -290,6 +300,34 @@ class TokenMDP:
         return {"kind": self.kind, "A": self.A, "H": self.H, "n_prompts": self.n_prompts,
                 "eos": self.eos is not None, "n_states": int(sum(self.n_states)),
                 "responses_per_prompt": self.num_responses}
+
+
+def gather(layered: Layered, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """(n, H) values layered[h][states[:, h], actions[:, h]]: a layered (n_h, A) table read along n responses
+    (the one implementation of this look-up)."""
+    return np.stack([layered[h][states[:, h], actions[:, h]] for h in range(states.shape[1])], axis=1)
+
+
+@dataclass
+class Responses:
+    """Responses on a layered MDP: prompt (n,) prompt index, actions (n, H) tokens y_1..y_H (EOS-padded after
+    the first EOS), states (n, H) layer-wise state indices s_1..s_H. The base of `exact.Enumeration` (every
+    response) and `sampling.Trajectories` (sampled responses, with a mask)."""
+
+    prompt: np.ndarray
+    actions: np.ndarray
+    states: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def gather(self, layered: Layered) -> np.ndarray:
+        """(n, H) values layered[h][s_h, a_h]."""
+        return gather(layered, self.states, self.actions)
+
+    def returns(self, reward: Layered) -> np.ndarray:
+        """(n,) R(y) = sum_h r(s_h, a_h)."""
+        return self.gather(reward).sum(axis=1)
 
 
 def safe_log(p: np.ndarray) -> np.ndarray:

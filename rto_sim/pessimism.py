@@ -1,6 +1,6 @@
 """Offline pessimistic planning: RTO Algorithm 1, the Appendix B.1 max-min planner, Theorem 4.2, rho.
 
-Notation (theory.md section 4). Data D of N pairs with Delta_i = psi(y_w^i) - psi(y_l^i) in R^d;
+Notation (docs/theory.md section 4). Data D of N pairs with Delta_i = psi(y_w^i) - psi(y_l^i) in R^d;
 theta_hat the token MLE (`rto_sim.learners.fit_token_mle`) and
 
     Sigma_D = sum_i Delta_i Delta_i^T + lambda I                     (a SUM: grows with N)

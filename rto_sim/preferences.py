@@ -1,4 +1,4 @@
-"""Pairwise preference data under Bradley-Terry (theory.md sections 1 and 4).
+"""Pairwise preference data under Bradley-Terry (docs/theory.md sections 1 and 4).
 
 For each pair i a prompt x_i ~ rho is drawn, two responses y_i^1, y_i^2 ~ mu(.|x_i) are drawn from a
 behaviour policy mu (default pi_ref), and the label is SAMPLED from Bradley-Terry on the true returns,
@@ -142,7 +142,7 @@ class PreferenceData:
                               self.seed, dict(self.meta))
 
     def bt_slope(self) -> float:
-        """s = mean over pairs of sigmoid'(R(y^1) - R(y^2)) (the Bradley-Terry slope of theory.md S2)."""
+        """s = mean over pairs of sigmoid'(R(y^1) - R(y^2)) (the Bradley-Terry slope of docs/theory.md S2)."""
         if self.return_first is None:
             raise ValueError("bt_slope needs the true returns (data built by sample_preferences)")
         p = expit(self.return_first - self.return_second)

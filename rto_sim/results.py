@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 
 def single_thread_blas():
     """Context manager: numpy/scipy BLAS (and OpenMP) pools limited to one thread. The experiments run
     thousands of tiny L-BFGS fits, for which a threaded BLAS on a small shared machine was measured ~10x
     slower (up to 80x under load); parallelism comes from the sweep's worker processes instead."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(limits=1)
 
 

@@ -13,27 +13,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mdp import Layered, TokenMDP
+from .mdp import Layered, Responses, TokenMDP
 
 
 @dataclass
-class Trajectories:
-    prompt: np.ndarray
-    actions: np.ndarray
-    states: np.ndarray
-    mask: np.ndarray
+class Trajectories(Responses):
+    """Sampled responses (`Responses`) and their mask (n, H): generated tokens through the first EOS."""
 
-    def __len__(self) -> int:
-        return len(self.prompt)
+    mask: np.ndarray
 
     def gather(self, layered: Layered) -> np.ndarray:
         """(n, H) layered[h][s_h, a_h], 0 outside the mask."""
-        vals = np.stack([layered[h][self.states[:, h], self.actions[:, h]] for h in range(self.actions.shape[1])],
-                        axis=1)
-        return np.where(self.mask, vals, 0.0)
+        return np.where(self.mask, super().gather(layered), 0.0)
 
-    def returns(self, reward: Layered) -> np.ndarray:
-        return self.gather(reward).sum(axis=1)
+
+def sample_categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n,) one draw per row of `probs` (n, A) by inverse CDF: the first a with u * sum_a' p(a') <= cdf(a),
+    u ~ U[0, 1) from ONE `rng.random(n)` call (rows need not be normalized). The simulator's only token
+    sampler: preference data (`sample_trajectories`) and PPO rollouts (`tabular_ppo`) both draw here."""
+    cdf = np.cumsum(probs, axis=1)
+    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    return np.minimum((u > cdf).sum(axis=1), cdf.shape[1] - 1)
 
 
 def sample_trajectories(mdp: TokenMDP, policy: Layered, n: int, rng: np.random.Generator,
@@ -51,9 +51,7 @@ def sample_trajectories(mdp: TokenMDP, policy: Layered, n: int, rng: np.random.G
     alive = np.ones(len(x), bool)
     for h in range(H):
         states[:, h] = s
-        cdf = np.cumsum(policy[h][s], axis=1)
-        u = rng.random(len(x))[:, None] * cdf[:, -1:]
-        a = np.minimum((u > cdf).sum(axis=1), mdp.A - 1)
+        a = sample_categorical(policy[h][s], rng)
         actions[:, h] = a
         mask[:, h] = alive
         if mdp.eos is not None:

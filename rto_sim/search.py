@@ -1,4 +1,4 @@
-"""Reward-query search for the most likely response (RTO Proposition 3.2, theory.md section 5).
+"""Reward-query search for the most likely response (RTO Proposition 3.2, docs/theory.md section 5).
 
 One prompt, the full A-ary prefix tree of depth H (no EOS), an evaluator policy pi_e. The learner wants
 y* = argmax_y pi_e(y) and pays one unit per *full-response query*:
@@ -25,7 +25,7 @@ Learners (each returns a `SearchResult` with the exact number of oracle queries)
 Bounds (xi = -log_A max_y pi_e(y) is the real-valued, smallest xi satisfying RTO Assumption 3.1):
 
     paper_bound(A, H, xi)      = A^min(xi+1, H)                     (the count RTO Prop. 3.2 states)
-    corrected_bound(A, H, xi)  = min(A^H, H A^(xi+1) + A^xi)        (theory.md section 5)
+    corrected_bound(A, H, xi)  = min(A^H, H A^(xi+1) + A^xi)        (docs/theory.md section 5)
     instance_upper_bound(inst) = min(A^H, A * #{v : depth(v) < H, P(v) >= p*})
         holds for best_first under both rules: every query's first new node is a child of a known node
         v with upper bound > best, and best-first never extends a node with P(v) < p* (the deepest known
@@ -337,7 +337,7 @@ def paper_bound(A: int, H: int, xi: float) -> float:
 
 
 def corrected_bound(A: int, H: int, xi: float) -> float:
-    """min(A^H, H A^(xi+1) + A^xi) (theory.md section 5)."""
+    """min(A^H, H A^(xi+1) + A^xi) (docs/theory.md section 5)."""
     return min(float(A) ** H, H * float(A) ** (xi + 1.0) + float(A) ** xi)
 
 

@@ -29,6 +29,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -36,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from .results import atomic_write_json, config_hash, write_table
 
@@ -85,7 +89,6 @@ class SweepGrid:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike) -> SweepGrid:
-        import yaml
         p = Path(path_or_text)
         text = p.read_text() if p.suffix in (".yaml", ".yml") and p.exists() else str(path_or_text)
         obj = yaml.safe_load(text)
@@ -201,7 +204,6 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
         todo.sort(key=cost, reverse=True)
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"sweep {Path(folder).name}", unit="cell", leave=False)
     try:
         if not todo:
@@ -239,10 +241,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 def _worker_init() -> None:
     """One BLAS / torch thread per worker: several workers on few cores with threaded BLAS inside small
     L-BFGS problems spin, measured ~80x slower on a loaded 2-core machine."""
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(limits=1)     # process-wide for this worker (forked workers inherit loaded BLAS pools)
-    import sys
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
@@ -266,7 +265,7 @@ def _single_thread_env():
 
 def _run_ray(cell_fn, todo, cells_dir, workers, bar):
     try:
-        import ray
+        import ray  # optional heavy package (pip install 'rto-toolkit[ray]'): imported only for this backend
     except ImportError as e:
         raise ValueError("backend='ray' needs the optional package ray: pip install 'rto-toolkit[ray]'") from e
     if not ray.is_initialized():

@@ -1,5 +1,5 @@
-"""Practical RTO in the simulator: PPO on tabular softmax policies over a TokenMDP (theory.md section 8,
-practice.md sections 1-2, experiment E7).
+"""Practical RTO in the simulator: PPO on tabular softmax policies over a TokenMDP (docs/theory.md section 8,
+docs/practice.md sections 1-2, experiment E7).
 
 The training loop mirrors the LLM trainer tensor for tensor. Per PPO update:
 
@@ -28,7 +28,7 @@ on generated tokens through the first EOS (inclusive) and False on the EOS-absor
 Episodes run in lockstep for H steps: after EOS the MDP is absorbing (pi = pi_ref = delta_EOS, zero
 reward, zero KL) and those steps are masked out, exactly like right padding on the LLM side.
 
-Reward schemes (`SCHEMES`):
+Reward modes (`TabularPPOConfig.mode`, the LLM trainer's `rto.mode`; `core.REWARD_MODES`):
     "ppo"             sparse sentence RM score at the last valid token, KL penalty per token
     "rto"             + dense DPO token reward (RTO eq. 4.7)
     "semi_rto"        DPO rewards summed per segment and paid at the segment's delimiter token.
@@ -37,7 +37,9 @@ Reward schemes (`SCHEMES`):
                       the last delimiter form a segment ending at the last valid token.
     "ddpo"            all DPO rewards delayed to the last valid token
     "rs_ppo"          dense DPO rewards minus their (clipped) sum at the last valid token
-    "rto_reinforce++" the "rto" reward with REINFORCE++ advantages (no critic)
+Advantages (`advantage_estimator`, the LLM trainer's `ppo.advantage_estimator`): "gae" (critic) or
+"reinforce++" (no critic). `SCHEMES` names the (mode, advantage estimator) pairs the experiments compare:
+the five modes with GAE and "rto_reinforce++" = mode "rto" + advantage_estimator "reinforce++".
 
 Policies: `TabularPolicy` holds one logit per (layer, state, token), initialized at log pi_ref;
 `TabularCritic` one value per (layer, state), initialized at 0. Both are float64 torch modules.
@@ -48,96 +50,21 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode
 
 from . import core
-from .exact import enumerate_responses, evaluate
-from .mdp import Layered, TokenMDP
+from .exact import enumerate_responses, evaluate, rto_reward_table
+from .gym_env import TokenMDPVectorEnv
+from .mdp import Layered, TokenMDP, gather
+from .sampling import sample_categorical
 
-SCHEMES = ("ppo", "rto", "semi_rto", "ddpo", "rs_ppo", "rto_reinforce++")
+# experiment label -> TabularPPOConfig settings (E7's table rows and the tests iterate over these)
+SCHEMES = {"ppo": {"mode": "ppo"}, "rto": {"mode": "rto"}, "semi_rto": {"mode": "semi_rto"},
+           "ddpo": {"mode": "ddpo"}, "rs_ppo": {"mode": "rs_ppo"},
+           "rto_reinforce++": {"mode": "rto", "advantage_estimator": "reinforce++"}}
 _NEG = -1e9           # logit of tokens pi_ref forbids (exp underflows to exactly 0 in float64)
 DTYPE = torch.float64
-
-
-# ---------------------------------------------------------------------------------------------------
-# Vectorized gymnasium environment
-# ---------------------------------------------------------------------------------------------------
-
-
-class TokenMDPVectorEnv(gym.vector.VectorEnv):
-    """`num_envs` episodes of a TokenMDP stepped together with numpy (no Python loop over episodes).
-
-    Observation: the flat state index offsets[h] + s (int64, shape (num_envs,)); action: a token id
-    (num_envs,). Every episode lasts exactly H steps: after EOS the state is absorbing (zero reward,
-    zero KL, masked out), so the B episodes stay in lockstep like right-padded LLM responses.
-    `terminated` is True for all envs at step H (next-step autoreset afterwards).
-    Reward: the token reward `reward[h][s, a]` if a `reward` table is given (diagnostics only; PPO's
-    rewards are assembled by `rto_sim.core.compute_rto_rewards`), else 0.
-    info: "layer" h, "state" (num_envs,) layer-wise index s_h, "valid" (num_envs,) bool (the token is
-    generated before or at the first EOS), "log_pi_ref" (num_envs,) log pi_ref(a | s); reset info:
-    "prompt", "state", "layer".
-    """
-
-    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
-
-    def __init__(self, mdp: TokenMDP, num_envs: int, reward: Layered | None = None):
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
-        self.mdp = mdp
-        self.num_envs = int(num_envs)
-        self.reward = None if reward is None else mdp.check_reward(reward)
-        self.offsets = mdp.flat_offsets()
-        self.single_observation_space = gym.spaces.Discrete(int(self.offsets[-1]))
-        self.single_action_space = gym.spaces.Discrete(mdp.A)
-        self.observation_space = gym.spaces.MultiDiscrete(np.full(self.num_envs, int(self.offsets[-1])))
-        self.action_space = gym.spaces.MultiDiscrete(np.full(self.num_envs, mdp.A))
-        self._h = 0
-        self._s = np.zeros(self.num_envs, np.int64)
-        self._alive = np.ones(self.num_envs, bool)
-        self._prompt = np.zeros(self.num_envs, np.int64)
-        self._needs_reset = True
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if options and "prompt" in options:
-            prompt = np.asarray(options["prompt"], np.int64)
-            if prompt.shape != (self.num_envs,):
-                raise ValueError(f"options['prompt'] must have shape ({self.num_envs},), got {prompt.shape}")
-        else:
-            prompt = self.np_random.choice(self.mdp.n_prompts, size=self.num_envs, p=self.mdp.rho)
-        self._prompt = prompt.astype(np.int64)
-        self._h, self._s = 0, self._prompt.copy()
-        self._alive = np.ones(self.num_envs, bool)
-        self._needs_reset = False
-        return self.offsets[0] + self._s, {"prompt": self._prompt.copy(), "state": self._s.copy(), "layer": 0}
-
-    def step(self, actions):
-        if self._needs_reset:            # next-step autoreset: this call only resets
-            obs, info = self.reset()
-            z = np.zeros(self.num_envs)
-            return obs, z, z.astype(bool), z.astype(bool), info
-        a = np.asarray(actions, dtype=np.int64)
-        if a.shape != (self.num_envs,) or np.any((a < 0) | (a >= self.mdp.A)):
-            raise ValueError(f"actions must be {self.num_envs} token ids in [0, {self.mdp.A})")
-        h, s = self._h, self._s
-        valid = self._alive.copy()
-        r = np.zeros(self.num_envs) if self.reward is None else np.where(valid, self.reward[h][s, a], 0.0)
-        info = {"layer": h, "state": s.copy(), "valid": valid, "log_pi_ref": self.mdp.log_pi_ref[h][s, a]}
-        if self.mdp.eos is not None:
-            self._alive &= a != self.mdp.eos
-        done = h == self.mdp.H - 1
-        if done:
-            self._needs_reset = True
-            obs = self.offsets[h] + s
-        else:
-            self._s = self.mdp.next_state[h][s, a]
-            self._h = h + 1
-            obs = self.offsets[h + 1] + self._s
-        term = np.full(self.num_envs, done)
-        return obs, r, term, np.zeros(self.num_envs, bool), info
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,25 +133,32 @@ class TabularCritic(torch.nn.Module):
 
 
 @dataclass
-class PPOConfig:
+class TabularPPOConfig:
     """PPO / RTO hyper-parameters for the tabular simulator (paper values in brackets where they exist).
+    Every setting the LLM trainer also has carries its name there, flattened (`rto_llm/ppo/config.py`:
+    rto.mode -> mode, kl.kind -> kl_kind, train.lr -> lr, critic.lr -> critic_lr, ppo.epochs -> epochs,
+    train.grad_clip -> grad_clip, ...).
 
-    scheme: reward scheme, one of SCHEMES (default "rto").
-    beta1: DPO token-reward scale beta1 >= 0 [0.05]. beta2: KL coefficient beta2 > 0 (also the beta of
-    the true objective J_true) [0.01; default here 0.05 to keep the tabular optimum at a moderate KL].
-    beta3: RM score scale [1]. dpo_clip: per-token clip c of the DPO reward, None = off [0.05].
-    kl_kind: "k1" (default). segment_length / delimiter_token: Semi-RTO delimiters (module docstring).
-    n_updates: PPO updates (rollout + epochs) [default 40]. batch_size: episodes per rollout B [256].
-    ppo_epochs [1 in the paper; default 4]. n_minibatches per epoch [8 in the paper; default 4].
-    lr_actor [5e-7 for an LLM; 0.05 for tabular logits], lr_critic [0.1], clip_eps [0.2],
-    value_clip [0.2; None = off], vf_coef [0.5], gamma [1.0], lam [0.95], whiten_advantages [True],
-    max_grad_norm [1.0; None = off], seed [0]. num_threads: torch intra-op threads during `train`
-    (default 1, restored afterwards: the tensors are tiny and thread hand-offs cost ~10x on a shared CPU;
-    None leaves torch's setting alone). optimizer: "adam" (default; betas (0.9, 0.999)) or "sgd" (plain
-    gradient steps: the update size then scales with the advantage magnitudes, which Adam normalizes away).
+    mode: reward mode, one of core.REWARD_MODES (default "rto"; rto.mode). advantage_estimator: "gae"
+    (default, with the critic) or "reinforce++" (no critic) (ppo.advantage_estimator).
+    beta1: DPO token-reward scale beta1 >= 0 [0.05] (rto.beta1). beta2: KL coefficient beta2 > 0 (also the
+    beta of the true objective J_true) [0.01; default here 0.05 to keep the tabular optimum at a moderate KL]
+    (kl.beta2). beta3: RM score scale [1] (reward.beta3). dpo_clip: per-token clip c of the DPO reward, None =
+    off [0.05] (rto.dpo_clip). kl_kind: "k1" (default; kl.kind). segment_length / delimiter_token: Semi-RTO
+    delimiters (module docstring). n_updates: PPO updates (rollout + epochs) [default 40]. batch_size:
+    episodes per rollout B [256]. epochs: PPO epochs per rollout [1 in the paper; default 4] (ppo.epochs).
+    n_minibatches per epoch [8 in the paper; default 4]. lr: actor learning rate [5e-7 for an LLM; 0.05 for
+    tabular logits] (train.lr), critic_lr [0.1] (critic.lr), clip_eps [0.2], value_clip [0.2; None = off],
+    vf_coef [0.5], gamma [1.0], lam [0.95], whiten_advantages [True] (all ppo.*), grad_clip: max gradient
+    norm [1.0; None = off] (train.grad_clip), seed [0] (train.seed). num_threads: torch intra-op threads
+    during `train` (default 1, restored afterwards: the tensors are tiny and thread hand-offs cost ~10x on a
+    shared CPU; None leaves torch's setting alone). optimizer: "adam" (default; betas (0.9, 0.999)) or "sgd"
+    (plain gradient steps: the update size then scales with the advantage magnitudes, which Adam normalizes
+    away).
     """
 
-    scheme: str = "rto"
+    mode: str = "rto"
+    advantage_estimator: str = "gae"
     beta1: float = 0.05
     beta2: float = 0.05
     beta3: float = 1.0
@@ -234,24 +168,25 @@ class PPOConfig:
     delimiter_token: int | None = None
     n_updates: int = 40
     batch_size: int = 256
-    ppo_epochs: int = 4
+    epochs: int = 4
     n_minibatches: int = 4
-    lr_actor: float = 0.05
-    lr_critic: float = 0.1
+    lr: float = 0.05
+    critic_lr: float = 0.1
     clip_eps: float = 0.2
     value_clip: float | None = 0.2
     vf_coef: float = 0.5
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
-    max_grad_norm: float | None = 1.0
+    grad_clip: float | None = 1.0
     seed: int = 0
     num_threads: int | None = 1
     optimizer: str = "adam"
 
     def __post_init__(self):
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.mode not in core.REWARD_MODES:
+            raise ValueError(f"mode must be one of {core.REWARD_MODES}, got {self.mode!r}")
+        core.get_advantage_estimator(self.advantage_estimator)       # ValueError for an unknown name
         for name in ("beta1", "beta3"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -259,7 +194,7 @@ class PPOConfig:
             raise ValueError(f"beta2 must be > 0 (it is also the beta of the true objective), got {self.beta2}")
         if self.dpo_clip is not None and self.dpo_clip <= 0:
             raise ValueError(f"dpo_clip must be > 0 or None, got {self.dpo_clip}")
-        for name in ("n_updates", "batch_size", "ppo_epochs", "n_minibatches", "segment_length"):
+        for name in ("n_updates", "batch_size", "epochs", "n_minibatches", "segment_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < self.n_minibatches:
@@ -271,12 +206,7 @@ class PPOConfig:
 
     @property
     def uses_critic(self) -> bool:
-        return self.scheme != "rto_reinforce++"
-
-    @property
-    def reward_mode(self) -> str:
-        """The `core.compute_rto_rewards` mode of this scheme."""
-        return "rto" if self.scheme == "rto_reinforce++" else self.scheme
+        return self.advantage_estimator == "gae"
 
 
 @dataclass
@@ -289,7 +219,7 @@ class Rollout:
     mask: torch.Tensor            # (B, H) bool, generated tokens through the first EOS
     logprobs: torch.Tensor        # (B, H) log pi_old(y_t)
     ref_logprobs: torch.Tensor    # (B, H) log pi_ref(y_t)
-    dpo_logprobs: torch.Tensor | None   # (B, H) log pi_dpo(y_t) (None when the scheme has no DPO term)
+    dpo_logprobs: torch.Tensor | None   # (B, H) log pi_dpo(y_t) (None when the mode has no DPO term)
     values: torch.Tensor | None   # (B, H) V_old(s_t) (None without critic)
     score: torch.Tensor           # (B,) sentence RM score R = r_RM(x, y)
     delimiter_mask: torch.Tensor  # (B, H) bool Semi-RTO delimiters
@@ -308,32 +238,26 @@ def delimiter_mask(actions: np.ndarray, segment_length: int = 2, delimiter_token
     return np.broadcast_to(pos % segment_length == 0, actions.shape).copy()
 
 
-def _gather_layered(layered: Layered, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """(B, H) layered[h][s_h, a_h]."""
-    return np.stack([layered[h][states[:, h], actions[:, h]] for h in range(states.shape[1])], axis=1)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Exact-planning reward tables of each scheme (S12), built through the core
+# Exact-planning reward tables of each reward mode (S12), built through the core
 # ---------------------------------------------------------------------------------------------------
 
 
-def scheme_reward_table(mdp: TokenMDP, scheme: str, rm_reward: Layered, log_pi_dpo: Layered | None,
+def scheme_reward_table(mdp: TokenMDP, mode: str, rm_reward: Layered, log_pi_dpo: Layered | None,
                         beta1: float, beta3: float = 1.0, dpo_clip: float | None = None, segment_length: int = 2,
                         delimiter_token: int | None = None) -> tuple[Layered, float]:
-    """The token reward table r_scheme(s, a) (without the KL term, which is soft_bellman's beta = beta2)
-    of a reward scheme, built by running `core.compute_rto_rewards` on EVERY enumerated response and
-    scattering the (N, H) per-token rewards back onto (state, token).
+    """The token reward table r_mode(s, a) (without the KL term, which is soft_bellman's beta = beta2)
+    of a reward mode (core.REWARD_MODES), built by running `core.compute_rto_rewards` on EVERY enumerated
+    response and scattering the (N, H) per-token rewards back onto (state, token).
 
     The sentence RM score of a response is R(y) = sum_h rm_reward[h][s_h, a_h].
     Returns (table, spread): spread = max over (s, a) of the disagreement between responses that share
     (s, a). On a tree every causal redistribution is a function of the prefix, so spread = 0; on an
-    aggregated automaton Semi-RTO / DDPO / RS-PPO depend on the path and spread > 0: the scheme is not
+    aggregated automaton Semi-RTO / DDPO / RS-PPO depend on the path and spread > 0: the mode is not
     a Markov reward on those states (the table then holds the mean over responses, for information).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    mode = "rto" if scheme == "rto_reinforce++" else scheme
+    if mode not in core.REWARD_MODES:
+        raise ValueError(f"mode must be one of {core.REWARD_MODES}, got {mode!r}")
     enum = enumerate_responses(mdp)
     H = mdp.H
     mask = np.arange(H)[None, :] < enum.length[:, None]
@@ -343,7 +267,7 @@ def scheme_reward_table(mdp: TokenMDP, scheme: str, rm_reward: Layered, log_pi_d
     dpo = None
     if mode != "ppo" and beta1 > 0:
         if log_pi_dpo is None:
-            raise ValueError("log_pi_dpo is required for this scheme when beta1 > 0")
+            raise ValueError("log_pi_dpo is required for this mode when beta1 > 0")
         dpo = torch.as_tensor(np.where(mask, enum.gather(log_pi_dpo), 0.0), dtype=DTYPE)
     t = lambda x: torch.as_tensor(x, dtype=DTYPE)  # noqa: E731
     terms = core.compute_rto_rewards(
@@ -380,7 +304,7 @@ class PPOResult:
     gold_return, kl_ref, rm_return, dpo_reward (E_pi of the clipped beta1 DPO reward sum) and, for updates
     >= 1, rollout statistics: score_mean, seq_kl_k1, dpo_reward_sampled, response_length, pg_loss, vf_loss,
     clipfrac, approxkl, ratio_first (max |rho - 1| on the first minibatch: exactly 0), explained_variance.
-    policy / critic: trained modules; config: the PPOConfig as a dict; wall_time_s."""
+    policy / critic: trained modules; config: the TabularPPOConfig as a dict; wall_time_s."""
 
     curve: list = field(default_factory=list)
     policy: TabularPolicy | None = None
@@ -398,18 +322,18 @@ class TabularPPOTrainer:
         rm_reward: layered token table whose trajectory sum is the sentence RM score r_RM(x, y)
             (a fitted token MLE, a bandit fit on terminal features, or r* itself for an exact RM).
         log_pi_dpo: layered log pi_dpo (the DPO policy, trained against pi_ref); needed when the
-            scheme has a DPO term and beta1 > 0.
-        config: PPOConfig.
+            mode has a DPO term and beta1 > 0.
+        config: TabularPPOConfig.
     """
 
     def __init__(self, mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None,
-                 config: PPOConfig):
+                 config: TabularPPOConfig):
         self.mdp, self.cfg = mdp, config
         self.true_reward = mdp.check_reward(true_reward)
         self.rm_reward = mdp.check_reward(rm_reward)
-        self.uses_dpo = config.reward_mode != "ppo" and config.beta1 > 0
+        self.uses_dpo = config.mode != "ppo" and config.beta1 > 0
         if self.uses_dpo and log_pi_dpo is None:
-            raise ValueError(f"log_pi_dpo is required for scheme={config.scheme!r} with beta1 > 0")
+            raise ValueError(f"log_pi_dpo is required for mode={config.mode!r} with beta1 > 0")
         self.log_pi_dpo = log_pi_dpo
         self.offsets = mdp.flat_offsets()
         self.rng = np.random.default_rng(config.seed)
@@ -421,16 +345,15 @@ class TabularPPOTrainer:
         self.ref_policy = TabularPolicy(mdp).requires_grad_(False)
         self.critic = TabularCritic(mdp) if config.uses_critic else None
         opt = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
-        self.opt_actor = opt(self.policy.parameters(), lr=config.lr_actor)
-        self.opt_critic = opt(self.critic.parameters(), lr=config.lr_critic) if self.critic else None
+        self.opt_actor = opt(self.policy.parameters(), lr=config.lr)
+        self.opt_critic = opt(self.critic.parameters(), lr=config.critic_lr) if self.critic else None
         flat = lambda layered: torch.as_tensor(np.concatenate(layered, axis=0), dtype=DTYPE)  # noqa: E731
         self._dpo_flat = flat(log_pi_dpo) if self.uses_dpo else None
         self._rm = self.rm_reward
-        dpo_table = None
+        self._dpo_table = None
         if log_pi_dpo is not None and config.beta1 > 0:
-            from .exact import rto_reward_table
-            dpo_table = rto_reward_table(mdp, None, log_pi_dpo, beta1=config.beta1, beta3=0.0, clip=config.dpo_clip)
-        self._dpo_table = dpo_table
+            self._dpo_table = rto_reward_table(mdp, None, log_pi_dpo, beta1=config.beta1, beta3=0.0,
+                                               clip=config.dpo_clip)
 
     # 1. generate ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -443,9 +366,7 @@ class TabularPPOTrainer:
         prompt = info["prompt"]
         for h in range(H):
             p = torch.exp(self.policy.log_probs_all(torch.as_tensor(obs))).numpy()    # (B, A)
-            cdf = np.cumsum(p, axis=1)
-            u = self.rng.random(B)[:, None] * cdf[:, -1:]
-            a = np.minimum((u > cdf).sum(axis=1), self.mdp.A - 1)
+            a = sample_categorical(p, self.rng)
             obs, _, _, _, info = self.env.step(a)
             states[:, h], actions[:, h], mask[:, h] = info["state"], a, info["valid"]
         return prompt, states, actions, mask
@@ -463,7 +384,7 @@ class TabularPPOTrainer:
         dpo_logprobs = self._dpo_flat[flat, act] if self.uses_dpo else None
         values = self.critic(flat) if self.critic is not None else None
         # 3. score: sentence RM score of the whole response (sum of the RM table over valid tokens)
-        score = torch.as_tensor(np.where(mask_np, _gather_layered(self._rm, states, actions), 0.0).sum(axis=1),
+        score = torch.as_tensor(np.where(mask_np, gather(self._rm, states, actions), 0.0).sum(axis=1),
                                 dtype=DTYPE)
         delim = torch.as_tensor(delimiter_mask(actions, cfg.segment_length, cfg.delimiter_token))
         roll = Rollout(prompt=torch.as_tensor(prompt), flat_states=flat, actions=act, mask=mask, logprobs=logprobs,
@@ -472,15 +393,13 @@ class TabularPPOTrainer:
         # 4. rewards (RTO eq. 4.7) -- the only place rewards are built
         roll.terms = core.compute_rto_rewards(
             score, logprobs, ref_logprobs, mask, beta2=cfg.beta2, beta3=cfg.beta3, dpo_logprobs=dpo_logprobs,
-            beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, mode=cfg.reward_mode, kl_kind=cfg.kl_kind, delimiter_mask=delim)
+            beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, mode=cfg.mode, kl_kind=cfg.kl_kind, delimiter_mask=delim)
         rewards = roll.terms.token_level_rewards
-        # 5. advantages
-        if cfg.uses_critic:
-            adv, ret = core.gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                adv = core.masked_whiten(adv, mask)
-        else:
-            adv, ret = core.reinforce_plus_plus_advantages(rewards, mask, gamma=cfg.gamma)
+        # 5. advantages (as the LLM trainer: the estimator by name, whitening of GAE advantages)
+        estimator = core.get_advantage_estimator(cfg.advantage_estimator)
+        adv, ret = estimator(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages and cfg.advantage_estimator == "gae":
+            adv = core.masked_whiten(adv, mask)
         roll.advantages, roll.returns = adv, ret
         return roll
 
@@ -490,7 +409,7 @@ class TabularPPOTrainer:
         B = roll.actions.shape[0]
         stats: dict[str, list] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approxkl": [], "ratio_first": []}
         first = True
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.epochs):
             perm = torch.randperm(B, generator=self.gen)
             for idx in torch.tensor_split(perm, cfg.n_minibatches):
                 mb_mask = roll.mask[idx]
@@ -511,10 +430,10 @@ class TabularPPOTrainer:
                     loss = loss + cfg.vf_coef * vf_loss
                     stats["vf_loss"].append(float(vf_loss.detach()))
                 loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                     if self.critic is not None:
-                        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
                 self.opt_actor.step()
                 if self.opt_critic is not None:
                     self.opt_critic.step()
@@ -565,9 +484,9 @@ class TabularPPOTrainer:
 
 
 def train_ppo(mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None = None,
-              config: PPOConfig | None = None, **overrides) -> PPOResult:
-    """Run PPO/RTO (see `TabularPPOTrainer`); keyword overrides go to `PPOConfig`."""
-    cfg = config if config is not None else PPOConfig(**overrides)
+              config: TabularPPOConfig | None = None, **overrides) -> PPOResult:
+    """Run PPO/RTO (see `TabularPPOTrainer`); keyword overrides go to `TabularPPOConfig`."""
+    cfg = config if config is not None else TabularPPOConfig(**overrides)
     if config is not None and overrides:
-        cfg = PPOConfig(**{**asdict(config), **overrides})
+        cfg = TabularPPOConfig(**{**asdict(config), **overrides})
     return TabularPPOTrainer(mdp, true_reward, rm_reward, log_pi_dpo, cfg).train()

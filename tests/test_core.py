@@ -1,4 +1,4 @@
-"""Tests for rto_sim.core, named after the practice.md section 4 invariants they pin."""
+"""Tests for rto_sim.core, named after the docs/practice.md section 4 invariants they pin."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def make_mask(lengths, t) -> torch.Tensor:
     """(B, T) float mask, 1 on the first lengths[b] tokens."""
     ar = torch.arange(t).unsqueeze(0)
     return (ar < torch.tensor(lengths).unsqueeze(1)).to(DTYPE)
+
+
+def unpack(batch) -> tuple[torch.Generator, int, int, torch.Tensor]:
+    """(generator seeded by the batch, B, T, mask) of a `ragged_batch` draw."""
+    seed, lengths, t = batch
+    return torch.Generator().manual_seed(seed), len(lengths), t, make_mask(lengths, t)
 
 
 def rand(gen, shape, scale=1.0):
@@ -107,10 +113,7 @@ def test_gather_logprobs_matches_manual_and_temperature():
 @SETTINGS
 @given(batch=ragged_batch(), junk=st.sampled_from([None, float("nan"), float("inf"), -1e30]))
 def test_inv7_masked_logits_do_not_change_losses(batch, junk):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     logp, old, ref, dpo = (rand(gen, (b, t)) - 2.0 for _ in range(4))
     values, adv, rewards = rand(gen, (b, t)), rand(gen, (b, t)), rand(gen, (b, t))
     score = rand(gen, (b,))
@@ -159,10 +162,7 @@ def test_inv7_masked_logits_do_not_change_losses(batch, junk):
 @SETTINGS
 @given(batch=ragged_batch())
 def test_inv9_reward_placement_advantage_equals_score(batch):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     score = rand(gen, (b,))
     logp, ref = rand(gen, (b, t)), rand(gen, (b, t))
     terms = core.compute_rto_rewards(score, logp, ref, mask, beta2=0.0, mode="ppo")
@@ -176,10 +176,8 @@ def test_inv9_reward_placement_advantage_equals_score(batch):
 @SETTINGS
 @given(batch=ragged_batch(), beta2=st.floats(0.001, 1.0))
 def test_inv9_reward_sum_is_score_minus_beta2_k1(batch, beta2):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
+    lengths = batch[1]
     score = rand(gen, (b,))
     logp, ref = rand(gen, (b, t)) - 2, rand(gen, (b, t)) - 2
     terms = core.compute_rto_rewards(score, logp, ref, mask, beta2=beta2, beta3=1.0)
@@ -209,10 +207,8 @@ def test_inv9_score_on_eos_token_hand_example():
 @SETTINGS
 @given(batch=ragged_batch(), gamma=st.floats(0.5, 1.0), lam=st.floats(0.0, 1.0))
 def test_inv10_gae_matches_naive_reference(batch, gamma, lam):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
+    lengths = batch[1]
     rewards, values = rand(gen, (b, t)), rand(gen, (b, t))
     adv, ret = core.gae_advantages(rewards, values, mask, gamma, lam)
     ref_adv, ref_ret = naive_gae(rewards, values, lengths, gamma, lam)
@@ -223,10 +219,8 @@ def test_inv10_gae_matches_naive_reference(batch, gamma, lam):
 @SETTINGS
 @given(batch=ragged_batch(), gamma=st.floats(0.5, 1.0))
 def test_inv10_gae_lambda_limits(batch, gamma):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
+    lengths = batch[1]
     rewards, values = rand(gen, (b, t)), rand(gen, (b, t))
     # lam = 0: one-step TD errors, with V after the terminal token = 0
     adv0, _ = core.gae_advantages(rewards, values, mask, gamma, 0.0)
@@ -284,10 +278,7 @@ def test_inv13_masked_whitening_mean0_std1(batch, shift, scale):
     n_micro=st.integers(1, 3),
 )
 def test_inv13_gradient_accumulation_matches_full_batch(batch, mode, n_micro):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     logp = rand(gen, (b, t)).requires_grad_(True)
     old, adv = rand(gen, (b, t)), rand(gen, (b, t))
     full, _ = core.ppo_policy_loss(logp, old, adv, mask, loss_agg_mode=mode)
@@ -376,10 +367,7 @@ def test_kl_estimators_monte_carlo_unbiased():
 @SETTINGS
 @given(batch=ragged_batch(), beta1=st.floats(0.0, 2.0))
 def test_inv17_dpo_rewards_zero_when_dpo_equals_ref(batch, beta1):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     ref = rand(gen, (b, t)) - 2
     r = core.dpo_token_reward(ref.clone(), ref, mask, beta1=beta1, clip=0.05)
     assert torch.all(r == 0)
@@ -393,10 +381,7 @@ def test_inv17_dpo_rewards_zero_when_dpo_equals_ref(batch, beta1):
 @SETTINGS
 @given(batch=ragged_batch(), beta1=st.floats(0.001, 2.0))
 def test_inv17_dpo_reward_sum_is_beta1_times_implicit_reward(batch, beta1):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     dpo, ref = rand(gen, (b, t)) - 2, rand(gen, (b, t)) - 2
     r = core.dpo_token_reward(perturb_pads(dpo, mask, gen), ref, mask, beta1=beta1)
     assert torch.all(r[~mask.bool()] == 0)
@@ -450,10 +435,8 @@ def test_compute_rto_rewards_combines_terms_and_is_detached():
 @SETTINGS
 @given(batch=ragged_batch(), delim_seed=st.integers(0, 2**31 - 1))
 def test_redistribution_preserves_sums(batch, delim_seed):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
+    lengths = batch[1]
     r = rand(gen, (b, t)) * mask
     delim = torch.rand(b, t, generator=torch.Generator().manual_seed(delim_seed)) < 0.3
     sums = r.sum(-1)
@@ -557,10 +540,7 @@ def test_reinforce_plus_plus_hand_example_and_registry():
 @SETTINGS
 @given(batch=ragged_batch())
 def test_inv2_ratio_one_clipfrac_zero_approxkl_zero(batch):
-    seed, lengths, t = batch
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = make_mask(lengths, t)
+    gen, b, t, mask = unpack(batch)
     logp = (rand(gen, (b, t)) - 2).requires_grad_(True)
     adv = rand(gen, (b, t))
     loss, stats = core.ppo_policy_loss(logp, logp.detach().clone(), adv, mask)

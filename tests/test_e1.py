@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rto_sim.experiments import e1, e1b, run_experiment
+from rto_sim.experiments import config_dict, e1, e1_instance, e1b, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def e1_quick(tmp_path_factory):
 def test_e1_quick_robust_predictions(e1_quick):
     summary, out = e1_quick
     checks = summary["checks"]
-    for cls in e1.config(True)["reward_classes"]:
+    for cls in e1.Config.quick().reward_classes:
         s1 = checks[f"S1_{cls}"]
         assert -0.55 <= s1["measured"] <= -0.45, (cls, s1)        # S1: token RMSE ~ N^-1/2
         assert s1["verdict"] == "pass"
@@ -43,26 +43,26 @@ def test_e1b_quick(tmp_path):
     assert abs(c["S4_token"]["measured"]) <= 0.1                 # token error flat in H
     assert set(c) == {"S4_growth", "S4_overfit", "S4_plateau", "S4_token"}
     drift = (tmp_path / "E1b" / "bt_slope_drift.csv").read_text().splitlines()
-    assert len(drift) == 1 + len(e1b.config(True)["H"])
+    assert len(drift) == 1 + len(e1b.Config.quick().H)
 
 
 @pytest.mark.parametrize("cls, expected", [("unigram", lambda A, H, K: A - 1),
                                            ("positional", lambda A, H, K: H * (A - 1)),
                                            ("tree_tabular", lambda A, H, K: K - 1), ("random", lambda A, H, K: 8)])
 def test_d_eff_matches_theory(cls, expected):
-    cfg = {**e1.config(True), "reward_class": cls, "A": 3, "H": 3}
-    inst = e1.instance_of(cfg)
+    cfg = {**config_dict(e1.Config.quick()), "reward_class": cls, "A": 3, "H": 3}
+    inst = e1_instance.instance_of(cfg)
     assert inst.d_eff == expected(3, 3, 27)
     assert inst.d_eff_bandit == 26
     # the DPO class is tabular on the MDP's states: H (A - 1) on the position automaton, K - 1 on the tree
-    assert inst.d_eff_dpo == (3 * 2 if e1.MDP_OF_CLASS[cls] == "position" else 26)
+    assert inst.d_eff_dpo == (3 * 2 if e1_instance.MDP_OF_CLASS[cls] == "position" else 26)
     assert inst.mse(inst.R) == 0.0 and abs(inst.fisher_quadratic(inst.R)) < 1e-15
     # returns have Var_mu = 0.25 (fixed across H)
     assert abs(inst.w @ inst.centred(inst.R) ** 2 - 0.25) < 1e-9
 
 
 def test_fisher_quadratic_matches_feature_space_fisher():
-    inst = e1.instance_of({**e1.config(True), "reward_class": "positional", "A": 3, "H": 3})
+    inst = e1_instance.instance_of({**config_dict(e1.Config.quick()), "reward_class": "positional", "A": 3, "H": 3})
     from rto_sim.preferences import trajectory_features
     Psi = trajectory_features(inst.features, inst.enum).toarray()
     R = inst.R

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from rto_sim.experiments import e3, e6
 
 
-def small_e3() -> dict:
-    cfg = e3.config(quick=True)
-    cfg.update({"N_gibbs": [250, 1000], "seeds_gibbs": 2, "bandit_max_N": 250, "bandit_seeds": 1,
-                "N_argmax": [10, 30], "seeds_argmax": 10, "N_pess": [250], "cal_seeds": 5, "eval_seeds": 4})
-    return cfg
+def small_e3() -> e3.Config:
+    return replace(e3.Config.quick(), N_gibbs=(250, 1000), seeds_gibbs=2, bandit_max_N=250, bandit_seeds=1,
+                   N_argmax=(10, 30), seeds_argmax=10, N_pess=(250,), cal_seeds=5, eval_seeds=4)
 
 
 def test_e3_quick_grid_runs_and_s6_sign(tmp_path):
     cfg = small_e3()
-    df, checks = e3.run(cfg, tmp_path)
+    df = e3.run(cfg, tmp_path)
+    checks = e3.checks(df, cfg)
     assert set(df.part) == {"gibbs", "argmax", "pess", "rho"}
     ids = set(checks)
     assert {"S5_identity", "S6_unigram", "S9_coverage_unigram", "S9_theorem42_random", "S9_b1_random"} <= ids
@@ -41,21 +42,21 @@ def test_e3_quick_grid_runs_and_s6_sign(tmp_path):
 
 
 def test_e6_laws_have_equal_per_step_marginals():
-    cfg = e6.config(quick=True)
-    from rto_sim.experiments.e3 import setup_class
-    mdp, *_ = setup_class({**cfg, "theta_seed": 0}, "bigram", None, reference="uniform")
+    cfg = e6.Config.quick()
+    mdp, *_ = e3.setup_class(cfg.A, cfg.H, "bigram", None, theta_seed=0, return_var=cfg.return_var,
+                             reference="uniform")
     rng = np.random.default_rng(0)
-    for law in cfg["laws"]:
+    for law in cfg.laws:
         y = e6.sample_law(mdp, law, 30000, rng)
         freq = np.stack([(y == a).mean(axis=0) for a in range(mdp.A)])      # (A, H)
         np.testing.assert_allclose(freq, 1 / mdp.A, atol=0.015)
 
 
 def test_e6_quick_grid_runs(tmp_path):
-    cfg = e6.config(quick=True)
-    cfg.update({"laws": ["independent", "mix_0.03", "copy"], "N": [300, 1000], "betas": [0.1], "cal_seeds": 4,
-                "eval_seeds": 4})
-    df, checks = e6.run(cfg, tmp_path)
+    cfg = replace(e6.Config.quick(), laws=("independent", "mix_0.03", "copy"), N=(300, 1000), betas=(0.1,),
+                  cal_seeds=4, eval_seeds=4)
+    df = e6.run(cfg, tmp_path)
+    checks = e6.checks(df, cfg)
     assert {"S10_tracks_coverage", "S10_tracks_coverage_b1", "S10_span", "S10_pessimism_vs_greedy",
             "S10_bounds"} == set(checks)
     # the copy law never identifies part of R(y*): its error stays near the floor, far above the independent law's

@@ -101,5 +101,5 @@ def test_e7_quick_runs_and_s12_holds(tmp_path):
     assert {"S13_asymptote", "S13_dense_faster"} <= set(checks)
     df = __import__("pandas").read_parquet(tmp_path / "E7" / "results.parquet")
     curves = df[(df.section == "curves") & (df.metric == "J_true")]
-    cfg = e7.config(True)
-    assert len(curves) == cfg["seeds"] * len(cfg["schemes"]) * (cfg["n_updates"] + 1)
+    cfg = e7.Config.quick()
+    assert len(curves) == cfg.seeds * len(cfg.schemes) * (cfg.n_updates + 1)

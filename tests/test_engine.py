@@ -17,6 +17,7 @@ from rto_sim import (
     sub_optimality,
 )
 from rto_sim.gym_env import TokenMDPEnv
+from rto_sim.sampling import sample_categorical
 
 
 def test_tree_sizes_and_enumeration():
@@ -107,6 +108,23 @@ def test_sampling_matches_exact_law():
     emp = np.array([counts[tuple(r)] for r in e.actions]) / len(t)
     assert np.abs(emp - p).max() < 0.01
     assert (t.mask.sum(1) == np.where((t.actions == m.eos).any(1), np.argmax(t.actions == m.eos, 1) + 1, 3)).all()
+
+
+def test_inverse_cdf_sampler():
+    """`sample_categorical`, the one token sampler (preference data and PPO rollouts): row frequencies match the
+    probabilities, rows need not be normalized (same draws for a scaled row), zero-probability tokens never
+    come out."""
+    p = np.array([[0.2, 0.0, 0.5, 0.3], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    rows = np.repeat(p, 50_000, axis=0)
+    a = sample_categorical(rows, np.random.default_rng(1))
+    assert np.array_equal(a, sample_categorical(5.0 * rows, np.random.default_rng(1)))
+    freq = np.stack([np.bincount(a[i * 50_000:(i + 1) * 50_000], minlength=4) / 50_000 for i in range(3)])
+    assert np.abs(freq - p).max() < 0.01 and np.all(freq[p == 0] == 0)
+    # sample_trajectories draws through it: same rng, same first tokens as the sampler on pi_ref's first layer
+    m = TokenMDP.tree(3, 2, seed=2)
+    t = sample_trajectories(m, m.pi_ref, 1000, np.random.default_rng(3), prompt=np.zeros(1000, np.int64))
+    first = sample_categorical(np.repeat(m.pi_ref[0], 1000, 0), np.random.default_rng(3))
+    assert np.array_equal(t.actions[:, 0], first)
 
 
 def test_features_dimensions():

@@ -1,4 +1,4 @@
-"""Property tests: every identity of theory.md section 2 on random trees and automata (hypothesis).
+"""Property tests: every identity of docs/theory.md section 2 on random trees and automata (hypothesis).
 The same functions produce experiment E0's table."""
 
 import pytest

@@ -1,8 +1,9 @@
-"""Property tests of theory.md identity 9 (RTO limits) through the algorithm core.
+"""Property tests of docs/theory.md identity 9 (RTO limits) through the algorithm core.
 
 - on sampled trajectories, `core.compute_rto_rewards` with beta1 = 0, or with pi_dpo = pi_ref, equals the
   PPO reward (mode "ppo"), for every redistribution mode;
 - at pi = pi_ref the KL part of the reward is exactly zero;
+- the exact-planning RTO reward table's DPO term is `core.dpo_token_reward` itself (clip on/off, forbidden tokens);
 - exact planning: the optimum of the RTO reward table (`rto_reward_table`) with beta3 = 0 and beta1 = beta2 is
   pi_dpo (`soft_bellman` at beta = beta2), and with c = beta1 / beta2 it is prop. to pi_ref^(1-c) pi_dpo^c.
 """
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rto_sim import TokenMDP, enumerate_responses, rto_reward_table, safe_log, sample_trajectories, soft_bellman
-from rto_sim.core import compute_rto_rewards
+from rto_sim.core import compute_rto_rewards, dpo_token_reward
 from rto_sim.tabular_ppo import delimiter_mask
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -100,3 +101,34 @@ def test_rto_optimum_is_dpo_policy_and_geometric_mixture(inst, beta2, c):
         rows = enum.prompt == x
         t = target[rows] - np.logaddexp.reduce(target[rows])
         assert np.allclose(got[rows], t, atol=1e-9, rtol=0)
+
+
+@SETTINGS
+@given(instance(), st.floats(0.01, 3.0), st.sampled_from([None, 0.05, 0.5]), st.floats(0.0, 0.5))
+def test_exact_dpo_reward_table_is_the_core_dpo_token_reward(inst, beta1, clip, p_forbid):
+    """The exact-planning table's DPO term is `core.dpo_token_reward` (one definition of the clipped DPO token
+    reward), bit for bit, with tokens pi_ref forbids (log pi_ref = -inf, also -inf under pi_dpo) at 0; and it
+    equals the numpy formula clip(beta1 (log pi_dpo - log pi_ref), -c, c) it replaced."""
+    mdp, seed = inst
+    rng = np.random.default_rng(seed)
+    pi_ref = []
+    for h, p in enumerate(mdp.random_policy(seed=seed + 1)):
+        keep = rng.random(p.shape) >= p_forbid
+        keep[np.arange(len(p)), rng.integers(0, mdp.A, len(p))] = True      # at least one allowed token
+        keep[mdp.absorbing[h]] = True                                        # delta_EOS stays
+        q = np.where(keep, p, 0.0)
+        pi_ref.append(q / q.sum(axis=1, keepdims=True))
+    mdp = mdp.with_reference(pi_ref)
+    log_dpo = [np.where(lr > -np.inf, safe_log(p), -np.inf)
+               for lr, p in zip(mdp.log_pi_ref, mdp.random_policy(seed=seed + 2))]
+    table = rto_reward_table(mdp, None, log_dpo, beta1=beta1, beta3=0.0, clip=clip)
+    for h in range(mdp.H):
+        allowed = mdp.log_pi_ref[h] > -np.inf
+        live = ~mdp.absorbing[h]
+        dpo, ref = np.where(allowed, log_dpo[h], 0.0), np.where(allowed, mdp.log_pi_ref[h], 0.0)
+        core_r = dpo_token_reward(torch.as_tensor(dpo), torch.as_tensor(ref), torch.as_tensor(allowed), beta1,
+                                  clip).numpy()
+        d = beta1 * (dpo - ref)
+        numpy_r = np.where(allowed, d if clip is None else np.clip(d, -clip, clip), 0.0)
+        assert np.array_equal(table[h][live], core_r[live]) and np.array_equal(table[h][live], numpy_r[live])
+        assert np.all(table[h][~allowed] == 0.0) and np.all(table[h][~live] == 0.0)

@@ -1,4 +1,4 @@
-"""Tests for rto_sim.search and experiment E2 (RTO Proposition 3.2, theory.md section 5, prediction S11)."""
+"""Tests for rto_sim.search and experiment E2 (RTO Proposition 3.2, docs/theory.md section 5, prediction S11)."""
 
 from __future__ import annotations
 
@@ -130,8 +130,9 @@ def test_oracle_rejects_bad_queries():
 
 
 def test_quick_e2_grid_counts():
-    cfg = e2.config(quick=True)
-    df, checks = e2.run(cfg, None)
+    cfg = e2.Config.quick()
+    df = e2.run(cfg, None)
+    checks = e2.checks(df, cfg)
     for cid in ("S11_sentence", "S11_exact", "S11_token_corrected_bound", "S11_token_instance_bounds",
                 "S11_H1_equal", "S11_no_separation"):
         assert checks[cid].verdict == "pass", (cid, checks[cid])

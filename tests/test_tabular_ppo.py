@@ -1,4 +1,4 @@
-"""Tests for rto_sim.tabular_ppo: PPO with the RTO reward on tabular policies (practice.md section 4
+"""Tests for rto_sim.tabular_ppo: PPO with the RTO reward on tabular policies (docs/practice.md section 4
 invariants, in the simulator)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import torch
 
 from rto_sim import TokenMDP, draw_theta, evaluate, make_features, soft_bellman
 from rto_sim import core as core_mod
+from rto_sim.gym_env import TokenMDPVectorEnv
 from rto_sim.tabular_ppo import (
     SCHEMES,
-    PPOConfig,
     TabularPolicy,
+    TabularPPOConfig,
     TabularPPOTrainer,
-    TokenMDPVectorEnv,
     delimiter_mask,
     scheme_reward_table,
     train_ppo,
@@ -64,7 +64,7 @@ def test_policy_initialized_at_reference_and_zero_kl(toy):
     pol = TabularPolicy(mdp)
     for a, b in zip(pol.layered_policy(), mdp.pi_ref):
         assert np.allclose(a, b, atol=1e-14)
-    tr = TabularPPOTrainer(mdp, r, r, log_dpo, PPOConfig(scheme="rto", batch_size=32, n_updates=1))
+    tr = TabularPPOTrainer(mdp, r, r, log_dpo, TabularPPOConfig(mode="rto", batch_size=32, n_updates=1))
     ev = tr.evaluate()
     assert abs(ev["kl_ref"]) < 1e-12
     roll = tr.make_experience()
@@ -75,7 +75,7 @@ def test_policy_initialized_at_reference_and_zero_kl(toy):
 
 def test_first_minibatch_ratio_exactly_one(toy):
     mdp, r, log_dpo = toy
-    res = train_ppo(mdp, r, r, log_dpo, scheme="rto", batch_size=64, n_updates=3, seed=1)
+    res = train_ppo(mdp, r, r, log_dpo, mode="rto", batch_size=64, n_updates=3, seed=1)
     # max |rho - 1| on the first minibatch of every update: pi == pi_old bit for bit
     assert [row["ratio_first"] for row in res.curve[1:]] == [0.0, 0.0, 0.0]
 
@@ -91,7 +91,7 @@ def test_rewards_are_built_only_through_core(toy, monkeypatch):
         return out
 
     monkeypatch.setattr(core_mod, "compute_rto_rewards", spy)
-    tr = TabularPPOTrainer(mdp, r, r, log_dpo, PPOConfig(scheme="semi_rto", beta1=0.3, batch_size=16))
+    tr = TabularPPOTrainer(mdp, r, r, log_dpo, TabularPPOConfig(mode="semi_rto", beta1=0.3, batch_size=16))
     roll = tr.make_experience()
     assert len(calls) == 1
     kwargs, out = calls[0]
@@ -105,17 +105,18 @@ def test_rewards_are_built_only_through_core(toy, monkeypatch):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_ppo_improves_true_objective_with_exact_reward(scheme):
     """A real optimization test: on a tiny tree with the TRUE reward as the RM and the exact DPO policy,
-    every scheme closes >= 80% of the gap between pi_ref and the best achievable J in 25 updates."""
+    every scheme (reward mode and advantage estimator) closes >= 80% of the gap between pi_ref and the best
+    achievable J in 25 updates."""
     mdp = TokenMDP.tree(A=3, H=3, eos=False, seed=11)
     phi = make_features(mdp, "positional")
     r = phi.token_reward(draw_theta(mdp, phi, return_var=1.0, seed=12))
     beta2 = 0.1
     log_dpo = soft_bellman(mdp, r, 0.1).log_policy
-    res = train_ppo(mdp, r, r, log_dpo, scheme=scheme, beta2=beta2, batch_size=128, n_updates=25, seed=0)
+    res = train_ppo(mdp, r, r, log_dpo, **SCHEMES[scheme], beta2=beta2, batch_size=128, n_updates=25, seed=0)
     J0 = res.curve[0]["J_true"]
     J_final = np.mean([row["J_true"] for row in res.curve[-3:]])
     # the best this scheme can do for J_true: the exact-planning optimum of its own reward table
-    table, spread = scheme_reward_table(mdp, scheme, r, log_dpo, beta1=0.05)
+    table, spread = scheme_reward_table(mdp, SCHEMES[scheme]["mode"], r, log_dpo, beta1=0.05)
     assert spread == 0.0
     J_plan = evaluate(mdp, soft_bellman(mdp, table, beta2).policy, r, beta2).J
     assert J_plan > J0 + 0.3
@@ -124,9 +125,9 @@ def test_ppo_improves_true_objective_with_exact_reward(scheme):
 
 def test_same_seed_same_curve_and_different_seed_differs(toy):
     mdp, r, log_dpo = toy
-    a = train_ppo(mdp, r, r, log_dpo, scheme="rto", batch_size=32, n_updates=4, seed=5).curve
-    b = train_ppo(mdp, r, r, log_dpo, scheme="rto", batch_size=32, n_updates=4, seed=5).curve
-    c = train_ppo(mdp, r, r, log_dpo, scheme="rto", batch_size=32, n_updates=4, seed=6).curve
+    a = train_ppo(mdp, r, r, log_dpo, mode="rto", batch_size=32, n_updates=4, seed=5).curve
+    b = train_ppo(mdp, r, r, log_dpo, mode="rto", batch_size=32, n_updates=4, seed=5).curve
+    c = train_ppo(mdp, r, r, log_dpo, mode="rto", batch_size=32, n_updates=4, seed=6).curve
     assert [x["J_true"] for x in a] == [x["J_true"] for x in b]
     assert [x["J_true"] for x in a][1:] != [x["J_true"] for x in c][1:]
 
@@ -134,14 +135,16 @@ def test_same_seed_same_curve_and_different_seed_differs(toy):
 def test_beta1_zero_gives_the_ppo_curve(toy):
     """Identity 9 through the whole trainer: beta1 = 0 switches the DPO term off, so RTO == PPO."""
     mdp, r, log_dpo = toy
-    a = train_ppo(mdp, r, r, log_dpo, scheme="rto", beta1=0.0, batch_size=32, n_updates=4, seed=2).curve
-    b = train_ppo(mdp, r, r, log_dpo, scheme="ppo", beta1=0.0, batch_size=32, n_updates=4, seed=2).curve
+    a = train_ppo(mdp, r, r, log_dpo, mode="rto", beta1=0.0, batch_size=32, n_updates=4, seed=2).curve
+    b = train_ppo(mdp, r, r, log_dpo, mode="ppo", beta1=0.0, batch_size=32, n_updates=4, seed=2).curve
     assert [x["J_true"] for x in a] == [x["J_true"] for x in b]
 
 
 def test_reinforce_pp_has_no_critic(toy):
     mdp, r, log_dpo = toy
-    tr = TabularPPOTrainer(mdp, r, r, log_dpo, PPOConfig(scheme="rto_reinforce++", batch_size=16))
+    cfg = TabularPPOConfig(**SCHEMES["rto_reinforce++"], batch_size=16)
+    assert (cfg.mode, cfg.advantage_estimator) == ("rto", "reinforce++")
+    tr = TabularPPOTrainer(mdp, r, r, log_dpo, cfg)
     roll = tr.make_experience()
     assert tr.critic is None and roll.values is None
     adv, _ = core_mod.reinforce_plus_plus_advantages(roll.terms.token_level_rewards, roll.mask)
@@ -153,16 +156,18 @@ def test_delimiters_and_config_validation():
     assert delimiter_mask(acts, segment_length=2)[0].tolist() == [False, True, False, True, False]
     acts[1, 2] = 1
     assert delimiter_mask(acts, delimiter_token=1)[1].tolist() == [False, False, True, False, False]
-    with pytest.raises(ValueError, match="scheme"):
-        PPOConfig(scheme="nope")
+    with pytest.raises(ValueError, match="mode"):
+        TabularPPOConfig(mode="nope")
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        TabularPPOConfig(advantage_estimator="vtrace")
     with pytest.raises(ValueError, match="beta2"):
-        PPOConfig(beta2=0.0)
+        TabularPPOConfig(beta2=0.0)
     with pytest.raises(ValueError, match="beta1"):
-        PPOConfig(beta1=-1.0)
+        TabularPPOConfig(beta1=-1.0)
 
 
 def test_missing_dpo_policy_is_an_error(toy):
     mdp, r, _ = toy
     with pytest.raises(ValueError, match="log_pi_dpo"):
-        TabularPPOTrainer(mdp, r, r, None, PPOConfig(scheme="rto", beta1=0.05))
-    TabularPPOTrainer(mdp, r, r, None, PPOConfig(scheme="ppo"))   # PPO needs no DPO model
+        TabularPPOTrainer(mdp, r, r, None, TabularPPOConfig(mode="rto", beta1=0.05))
+    TabularPPOTrainer(mdp, r, r, None, TabularPPOConfig(mode="ppo"))   # PPO needs no DPO model

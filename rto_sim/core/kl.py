@@ -22,7 +22,7 @@ def kl_penalty(
     With ``log_r = log pi(y_t) - log pi_ref(y_t)``:
 
     - ``"k1"`` (default): ``log_r``; unbiased, can be negative per token. This is the term that
-      enters the RTO reward as ``-beta2 * k1`` (practice.md section 1).
+      enters the RTO reward as ``-beta2 * k1`` (docs/practice.md section 1).
     - ``"k2"``: ``0.5 * log_r^2``; biased, >= 0.
     - ``"k3"``: ``exp(-log_r) - 1 + log_r``; unbiased, >= 0.
 

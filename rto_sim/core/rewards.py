@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------
-# RTO reward assembly (RTO eq. 4.7; practice.md section 1; theory.md section 8)
+# RTO reward assembly (RTO eq. 4.7; docs/practice.md section 1; docs/theory.md section 8)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -144,7 +144,7 @@ def apply_missing_eos_penalty(
     Args:
         score: ``(B,)`` (normalized) scores R.
         has_eos: ``(B,)`` bool, True when the *completion* (never the prompt) contains EOS.
-        penalty: the score given to unfinished completions (practice.md: "R = ..., or the
+        penalty: the score given to unfinished completions (docs/practice.md: "R = ..., or the
             missing-EOS penalty when y has no EOS"); ``None`` returns ``score`` unchanged.
         subtract: if True, subtract ``penalty`` from the score instead of replacing it (TRL's
             ``missing_eos_penalty`` convention). Default False.
@@ -197,7 +197,7 @@ def compute_rto_rewards(
     delimiter_mask: Tensor | None = None,
     dpo_ref_logprobs: Tensor | None = None,
 ) -> RewardTerms:
-    """The RTO token reward (RTO eq. 4.7, practice.md section 1)::
+    """The RTO token reward (RTO eq. 4.7, docs/practice.md section 1)::
 
         r_t = -beta2 * kl_t + redistribute(clip(beta1 * (log pi_dpo - log pi_ref)(y_t), -c, c))
               + [t = last valid] * beta3 * R

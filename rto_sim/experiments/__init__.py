@@ -1,19 +1,31 @@
-"""Experiment registry: `rto-sim experiment NAME --out DIR [--quick]`.
+"""Experiment registry and the experiment contract: `rto-sim experiment NAME --out DIR [--quick] [--set k=v]`.
 
-Each experiment module exposes `config(quick: bool) -> dict` and
-`run(config: dict, folder: Path) -> (table: DataFrame, checks: dict[str, Check])`.
-`run_experiment` owns the bookkeeping: claiming the folder, timing, writing the tidy table and
-`summary.json` atomically.
+Every experiment module (registered in `EXPERIMENTS`) exposes
+
+    Config                   a frozen dataclass: every setting as a documented, typed field whose default is
+                             the full grid; `Config.quick()` returns the reduced grid (`--quick`, CI)
+    run(cfg, folder)         -> the tidy pandas DataFrame of every measurement; `folder` is the experiment's
+                             results folder (for sweep cells and side files)
+    checks(table, cfg)       -> {check id: Check}, built from one small function per prediction; it reads
+                             only `table` and `cfg`, so a saved table can be checked again
+
+`run_experiment` owns the bookkeeping: it builds the config, applies `--set` overrides type-checked against
+the field types, claims the folder, runs, checks, and writes the table and `summary.json` atomically.
+README.md ("Adding an experiment") shows a minimal module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import time
+import types
+import typing
 from pathlib import Path
 
 EXPERIMENTS = {
-    "E0": "rto_sim.experiments.e0",     # exact identities (theory.md section 2)
+    "E0": "rto_sim.experiments.e0",     # exact identities (docs/theory.md section 2)
     "E1": "rto_sim.experiments.e1",     # statistical scaling: token MLE vs bandit vs DPO (S1-S3, S5, S7, S8)
     "E1b": "rto_sim.experiments.e1b",   # fixed-N sweep in H (S4)
     "E2": "rto_sim.experiments.e2",     # Proposition 3.2 query counts (S11)
@@ -35,6 +47,80 @@ def get_experiment(name: str):
         raise
 
 
+def make_config(name: str, quick: bool = False, **overrides):
+    """The `Config` of experiment `name` (full or quick grid) with `overrides` applied after type checks."""
+    cls = get_experiment(name).Config
+    cfg = cls.quick() if quick else cls()
+    return dataclasses.replace(cfg, **check_overrides(cfg, overrides, name)) if overrides else cfg
+
+
+def config_dict(cfg) -> dict:
+    """The JSON form of a Config (`dataclasses.asdict`, tuples as lists): what summary.json and config.json
+    store and what `config_hash` hashes."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def check_overrides(cfg, overrides: dict, name: str = "this experiment") -> dict:
+    """Overrides checked against the field types of `cfg`'s dataclass and converted (lists to tuples, an
+    integer to a float for a float field). Raises ValueError naming the key, the expected type and an example
+    for an unknown key or a value of the wrong type (a bool is not a number; a list field needs a list)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config keys for {name}: {sorted(unknown)}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(type(cfg))
+    out = {}
+    for key, value in overrides.items():
+        try:
+            out[key] = _convert(value, hints[key])
+        except TypeError:
+            default = getattr(cfg, key)
+            example = default if isinstance(default, str) else json.dumps(default, separators=(",", ":"))
+            raise ValueError(f"config key {key!r} expects {_describe(hints[key])}, got {value!r}; for example "
+                             f"--set {key}={example}") from None
+    return out
+
+
+def _convert(value, tp):
+    """`value` as type `tp` (int, float, bool, str, X | None, tuple[X, ...], dict[str, X]); TypeError if not."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _convert(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_convert(v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise TypeError
+        return {k: _convert(v, args[1]) for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, bool, str) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise TypeError
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of ({_describe(args[0])})"
+    if origin is dict:
+        return f"a mapping from strings to ({_describe(args[1])})"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
 def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",
                    overwrite: bool = False, **overrides) -> dict:
     """Run one experiment into `out/name/`; returns the summary dict."""
@@ -42,21 +128,19 @@ def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "
     from ..results import atomic_write_json, claim_folder, config_hash, single_thread_blas, write_table
 
     mod = get_experiment(name)
-    cfg = mod.config(quick)
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown config keys for {name}: {sorted(unknown)}; valid keys: {sorted(cfg)}")
-    cfg.update(overrides)
+    cfg = make_config(name, quick, **overrides)
+    cfg_json = config_dict(cfg)
     folder = Path(out) / name
-    claim_folder(folder, cfg, overwrite=overwrite)
+    claim_folder(folder, cfg_json, overwrite=overwrite)
     t0 = time.perf_counter()
     with single_thread_blas():
-        table, checks = mod.run(cfg, folder)
+        table = mod.run(cfg, folder)
+        checks = mod.checks(table, cfg)
     wall = time.perf_counter() - t0
-    table = table.assign(experiment=name, config_hash=config_hash(cfg))
+    table = table.assign(experiment=name, config_hash=config_hash(cfg_json))
     write_table(table, folder / "results", fmt)
-    summary = {"experiment": name, "quick": quick, "config_hash": config_hash(cfg), "wall_time_s": wall,
-               "config": cfg, "checks": {k: c.to_dict() for k, c in checks.items()},
+    summary = {"experiment": name, "quick": quick, "config_hash": config_hash(cfg_json), "wall_time_s": wall,
+               "config": cfg_json, "checks": {k: c.to_dict() for k, c in checks.items()},
                "all_pass": all(c.verdict == "pass" for c in checks.values())}
     atomic_write_json(folder / "summary.json", summary)
     return summary

@@ -1,4 +1,4 @@
-"""E1b: fixed-N sweep in the horizon H (theory.md sections 6, 7; prediction S4).
+"""E1b: fixed-N sweep in the horizon H (docs/theory.md sections 6, 7; prediction S4).
 
 Design: A = 2, N = 4000 pairs, H in 2..12 (K = 2^H up to 4096 arms, enumerated), stationary unigram
 token reward on the position automaton with a uniform reference (= behaviour mu), Var_mu(R) = 0.25 at
@@ -10,7 +10,7 @@ Also recorded per H (the "BT-slope drift" pitfall): the population BT slope s wi
 theta* (what the experiment uses) and with theta* held at its H = 2 scale, whose return variance grows
 like H, so s drifts down and would confound any comparison across H.
 
-S4 sub-checks (the tolerances are ours; theory.md gives the shape of the prediction only):
+S4 sub-checks (the tolerances are ours; docs/theory.md gives the shape of the prediction only):
     S4_growth   slope of log RMSE_bandit(ridge 1e-3) vs log(K - 1) over H with N/K >= 20: 0.5 +- 0.1
     S4_overfit  the largest N/K at which the weak-ridge (1e-3) bandit error exceeds std_mu(R), against
                 the predicted ~20 (accepted within a factor 2: [10, 40])
@@ -21,6 +21,7 @@ S4 sub-checks (the tolerances are ours; theory.md gives the shape of the predict
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,37 +32,56 @@ from ..learners import bandit_mle_exists, fit_bandit_mle, fit_token_mle
 from ..preferences import sample_preferences
 from ..results import Check
 from ..sweep import SweepGrid, run_sweep
-from .e1 import instance_of
+from . import config_dict
+from .e1_instance import instance_of
+from .stats import loglog_slope
 
 
-def config(quick: bool) -> dict:
-    cfg = {"A": 2, "H": list(range(2, 13)), "N": 4000, "seeds": 20, "bandit_ridges": [1e-3, 1.0, 10.0],
-           "ridge": 1e-3, "return_var": 0.25, "n_prompts": 1, "reference": "uniform", "instance_seed": 0,
-           "beta": 1.0, "workers": 2}
-    if quick:
-        cfg.update({"H": [2, 4, 6, 8, 10, 12], "seeds": 8})
-    return cfg
+@dataclass(frozen=True)
+class Config:
+    """A: vocabulary size; H: horizons (K = A^H responses, all enumerated); N: preference pairs per data set;
+    seeds: data sets per H; bandit_ridges: ridges of the sentence bandit MLE; ridge: ridge of the token MLE
+    (SUM convention); return_var: Var_mu(R) of theta* at every H; n_prompts; reference: "uniform" (= mu) or
+    "random"; instance_seed: seed of theta* and pi_ref; beta: KL coefficient of the instance (unused by the
+    S4 metrics); workers: sweep processes."""
+
+    A: int = 2
+    H: tuple[int, ...] = tuple(range(2, 13))
+    N: int = 4000
+    seeds: int = 20
+    bandit_ridges: tuple[float, ...] = (1e-3, 1.0, 10.0)
+    ridge: float = 1e-3
+    return_var: float = 0.25
+    n_prompts: int = 1
+    reference: str = "uniform"
+    instance_seed: int = 0
+    beta: float = 1.0
+    workers: int = 2
+
+    @classmethod
+    def quick(cls) -> Config:
+        return replace(cls(), H=(2, 4, 6, 8, 10, 12), seeds=8)
 
 
-def validate_config(cfg: dict) -> None:
-    N = cfg.get("N")
+def validate_config(cfg: Config) -> None:
+    N = cfg.N
     if isinstance(N, bool) or not isinstance(N, int) or N < 1:
         raise ValueError(f"N (number of pairs) must be an integer >= 1, got {N!r}")
-    if not isinstance(cfg.get("seeds"), int) or cfg["seeds"] < 1:
-        raise ValueError(f"seeds must be an integer >= 1, got {cfg.get('seeds')!r}")
-    A = cfg.get("A")
+    if not isinstance(cfg.seeds, int) or cfg.seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {cfg.seeds!r}")
+    A = cfg.A
     if not isinstance(A, int) or A < 2:
         raise ValueError(f"A must be an integer >= 2, got {A!r}")
-    for H in cfg["H"]:
+    for H in cfg.H:
         if not isinstance(H, int) or H < 1:
             raise ValueError(f"H: horizons must be integers >= 1, got {H!r}")
-        if cfg.get("n_prompts", 1) * A**H > MAX_ENUMERATED:
+        if cfg.n_prompts * A**H > MAX_ENUMERATED:
             raise ValueError(f"H={H}: A^H = {A**H} responses are not enumerable (limit {MAX_ENUMERATED}); E1b "
                              "measures errors over all responses and has no recursion-based path: use a smaller H")
-    if not cfg.get("bandit_ridges") or any(not (np.isfinite(r) and r >= 0) for r in cfg["bandit_ridges"]):
-        raise ValueError(f"bandit_ridges must be a non-empty list of numbers >= 0, got {cfg.get('bandit_ridges')!r}")
-    if not (np.isfinite(cfg.get("ridge", 0)) and cfg.get("ridge", 0) >= 0):
-        raise ValueError(f"ridge must be >= 0, got {cfg.get('ridge')!r}")
+    if not cfg.bandit_ridges or any(not (np.isfinite(r) and r >= 0) for r in cfg.bandit_ridges):
+        raise ValueError(f"bandit_ridges must be a non-empty list of numbers >= 0, got {list(cfg.bandit_ridges)!r}")
+    if not (np.isfinite(cfg.ridge) and cfg.ridge >= 0):
+        raise ValueError(f"ridge must be >= 0, got {cfg.ridge!r}")
 
 
 def e1b_cell(cell: dict, rng_seed: int) -> list[dict]:
@@ -89,46 +109,56 @@ def e1b_cell(cell: dict, rng_seed: int) -> list[dict]:
     return rows
 
 
-def grid_of(cfg: dict) -> SweepGrid:
-    fixed = {k: v for k, v in cfg.items() if k not in ("H", "seeds", "workers")}
-    return SweepGrid(axes={"H": cfg["H"], "seed": list(range(cfg["seeds"]))}, fixed=fixed)
+def grid_of(cfg: Config) -> SweepGrid:
+    """The sweep: axes H x seed; every other setting but `workers` is fixed in each cell (and in its seed)."""
+    fixed = {k: v for k, v in config_dict(cfg).items() if k not in ("H", "seeds", "workers")}
+    return SweepGrid(axes={"H": list(cfg.H), "seed": list(range(cfg.seeds))}, fixed=fixed)
 
 
-def _slope(x, y) -> float:
-    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
-
-
-def analyse(table: pd.DataFrame, cfg: dict) -> tuple[dict, pd.DataFrame]:
-    t = table.copy()
+# ---------------------------------------------------------------------- analysis
+def aggregate(table: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Per (H, learner, ridge): RMSE over seeds, the data statistics of the H, N/K and the asymptotic RMSE."""
+    t = table[table.learner != "population"].copy()
     t["ridge"] = t["fit_ridge"].astype(float)
-    d = t[t.learner == "data"].pivot_table(index="H", columns="metric", values="value", aggfunc="mean")
-    fits = t[(t.metric == "rmse")]
-    agg = fits.groupby(["H", "learner", "ridge"]).value.apply(lambda v: float(np.sqrt(np.mean(v**2)))).rename(
-        "rmse").reset_index()
-    agg = agg.join(d, on="H")
-    agg["N_over_K"] = cfg["N"] / agg.K
+    agg = t[(t.metric == "rmse")].groupby(["H", "learner", "ridge"]).value.apply(
+        lambda v: float(np.sqrt(np.mean(v**2)))).rename("rmse").reset_index()
+    agg = agg.join(data_stats(table), on="H")
+    agg["N_over_K"] = cfg.N / agg.K
     agg["rmse_pred_asym"] = np.sqrt(np.where(agg.learner == "bandit_mle", agg.K - 1, agg.d_eff)
-                                    / (2 * agg.bt_slope * cfg["N"]))
+                                    / (2 * agg.bt_slope * cfg.N))
+    return agg
+
+
+def data_stats(table: pd.DataFrame) -> pd.DataFrame:
+    """Per H, the seed means of the data rows (bt_slope, K, d_eff, std_mu_R, mle_exists)."""
+    return table[table.learner == "data"].pivot_table(index="H", columns="metric", values="value", aggfunc="mean")
+
+
+def _weak(agg: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """The weak-ridge (smallest ridge) bandit rows, by H."""
+    return agg[(agg.learner == "bandit_mle") & np.isclose(agg.ridge, min(cfg.bandit_ridges))].sort_values("H")
+
+
+def check_growth(agg: pd.DataFrame, cfg: Config) -> Check:
+    g = _weak(agg, cfg)
+    g = g[g.N_over_K >= 20]
+    if len(g) < 2:
+        return Check("bandit growth while N/K >= 20", 0.5, None, 0.1, "inconclusive", "fewer than two H with N/K >= 20")
+    sl = loglog_slope(g.K - 1, g.rmse)
+    return Check(
+        quantity="slope of log RMSE_bandit (weak ridge) vs log(K-1) while N/K >= 20", predicted=0.5, measured=sl,
+        tolerance=0.1, verdict="pass" if abs(sl - 0.5) <= 0.1 else "fail",
+        note=(f"H = {g.H.tolist()}; measured RMSE {np.round(g.rmse.to_numpy(), 4).tolist()} vs asymptotic "
+              f"sqrt((K-1)/(2 s N)) {np.round(g.rmse_pred_asym.to_numpy(), 4).tolist()}; ridge "
+              f"{min(cfg.bandit_ridges)}"))
+
+
+def check_overfit(agg: pd.DataFrame, d: pd.DataFrame, cfg: Config) -> Check:
+    weak = _weak(agg, cfg)
     std = float(d.std_mu_R.mean())
-    checks = {}
-    weak = agg[(agg.learner == "bandit_mle") & np.isclose(agg.ridge, min(cfg["bandit_ridges"]))].sort_values("H")
-    # S4_growth -------------------------------------------------------------
-    g = weak[weak.N_over_K >= 20]
-    if len(g) >= 2:
-        sl = _slope(g.K - 1, g.rmse)
-        checks["S4_growth"] = Check(
-            quantity="slope of log RMSE_bandit (weak ridge) vs log(K-1) while N/K >= 20", predicted=0.5, measured=sl,
-            tolerance=0.1, verdict="pass" if abs(sl - 0.5) <= 0.1 else "fail",
-            note=(f"H = {g.H.tolist()}; measured RMSE {np.round(g.rmse.to_numpy(), 4).tolist()} vs asymptotic "
-                  f"sqrt((K-1)/(2 s N)) {np.round(g.rmse_pred_asym.to_numpy(), 4).tolist()}; ridge "
-                  f"{min(cfg['bandit_ridges'])}"))
-    else:
-        checks["S4_growth"] = Check("bandit growth while N/K >= 20", 0.5, None, 0.1, "inconclusive",
-                                    "fewer than two H with N/K >= 20")
-    # S4_overfit ------------------------------------------------------------
     above = weak[weak.rmse > std]
     cross = float(above.N_over_K.max()) if not above.empty else float("nan")
-    checks["S4_overfit"] = Check(
+    return Check(
         quantity="largest N/K at which the weak-ridge bandit error exceeds std_mu(R)", predicted=20.0,
         measured=cross, tolerance="[10, 40]",
         verdict=("pass" if 10 <= cross <= 40 else "fail") if np.isfinite(cross) else "fail",
@@ -137,37 +167,46 @@ def analyse(table: pd.DataFrame, cfg: dict) -> tuple[dict, pd.DataFrame]:
               f"asymptotics MSE = (K-1)/(2sN) reach Var_mu(R) at N/K ~ 1/(2 s Var_mu(R)) = "
               f"{1 / (2 * float(d.bt_slope.mean()) * std**2):.3g}; the MLE exists (strongly connected comparison "
               f"graph) in a fraction {np.round(d.mle_exists.to_numpy(), 2).tolist()} of seeds per H"))
-    # S4_plateau ------------------------------------------------------------
+
+
+def check_plateau(agg: pd.DataFrame, d: pd.DataFrame, cfg: Config) -> Check:
+    std = float(d.std_mu_R.mean())
     strong = agg[(agg.learner == "bandit_mle") & (agg.ridge >= 1) & (agg.ridge <= 10) & (agg.N_over_K <= 2)]
-    if not strong.empty:
-        r = strong.rmse / std
-        checks["S4_plateau"] = Check(
-            quantity="RMSE / std_mu(R) of the ridge-1 and ridge-10 bandit at N/K <= 2", predicted=1.0,
-            measured={f"H{h}_ridge{lam:g}": round(float(v), 4) for h, lam, v in zip(strong.H, strong.ridge, r)},
-            tolerance="[0.8, 1.2]", verdict="pass" if ((r >= 0.8) & (r <= 1.2)).all() else "fail",
-            note=f"std_mu(R) = {std:.3g} (Var_mu(R) fixed at {cfg['return_var']})")
-    else:
-        checks["S4_plateau"] = Check("strong-ridge plateau", 1.0, None, "[0.8, 1.2]", "inconclusive",
-                                     "no H with N/K <= 2 in the grid")
-    # S4_token --------------------------------------------------------------
+    if strong.empty:
+        return Check("strong-ridge plateau", 1.0, None, "[0.8, 1.2]", "inconclusive", "no H with N/K <= 2 in the grid")
+    r = strong.rmse / std
+    return Check(
+        quantity="RMSE / std_mu(R) of the ridge-1 and ridge-10 bandit at N/K <= 2", predicted=1.0,
+        measured={f"H{h}_ridge{lam:g}": round(float(v), 4) for h, lam, v in zip(strong.H, strong.ridge, r)},
+        tolerance="[0.8, 1.2]", verdict="pass" if ((r >= 0.8) & (r <= 1.2)).all() else "fail",
+        note=f"std_mu(R) = {std:.3g} (Var_mu(R) fixed at {cfg.return_var})")
+
+
+def check_token(agg: pd.DataFrame, d: pd.DataFrame) -> Check:
     tk = agg[agg.learner == "token_mle"].sort_values("H")
-    sl = _slope(tk.K - 1, tk.rmse)
-    checks["S4_token"] = Check(
+    sl = loglog_slope(tk.K - 1, tk.rmse)
+    return Check(
         quantity="slope of log RMSE_token vs log(K-1) over all H (flat)", predicted=0.0, measured=sl, tolerance=0.1,
         verdict="pass" if abs(sl) <= 0.1 else "fail",
         note=(f"token RMSE by H {dict(zip(tk.H.tolist(), np.round(tk.rmse.to_numpy(), 4).tolist()))}; asymptotic "
               f"sqrt(d_eff/(2 s N)) = {float(tk.rmse_pred_asym.mean()):.4f} (d_eff = A - 1 = {int(tk.d_eff.iloc[0])}); "
               f"BT slope s by H {dict(zip(d.index.tolist(), np.round(d.bt_slope.to_numpy(), 4).tolist()))}"))
-    return checks, agg
 
 
-def bt_slope_drift(cfg: dict) -> pd.DataFrame:
+def checks(table: pd.DataFrame, cfg: Config) -> dict[str, Check]:
+    """S4 (module docstring)."""
+    agg, d = aggregate(table, cfg), data_stats(table)
+    return {"S4_growth": check_growth(agg, cfg), "S4_overfit": check_overfit(agg, d, cfg),
+            "S4_plateau": check_plateau(agg, d, cfg), "S4_token": check_token(agg, d)}
+
+
+def bt_slope_drift(cfg: Config) -> pd.DataFrame:
     """Population BT slope per H with the variance-fixed theta* and with theta* frozen at its H = min(H)
     scale (Var_mu(R) grows ~ H): the drift the fixed-variance design avoids."""
     rows = []
     base = None
-    for H in cfg["H"]:
-        inst = instance_of({**cfg, "H": H, "reward_class": "unigram"})
+    for H in cfg.H:
+        inst = instance_of({**config_dict(cfg), "H": H, "reward_class": "unigram"})
         norm = float(np.linalg.norm(inst.theta - inst.theta.mean()))
         base = base or norm
         rows.append({"H": H, "s_fixed_variance": inst.bt_slope_exact(1.0),
@@ -176,16 +215,16 @@ def bt_slope_drift(cfg: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+def run(cfg: Config, folder) -> pd.DataFrame:
+    """The sweep's tidy table plus the population BT slopes per H (learner "population"); writes
+    aggregate.csv and bt_slope_drift.csv next to it."""
     validate_config(cfg)
     grid = grid_of(cfg)
     t0 = time.perf_counter()
-    table = run_sweep(e1b_cell, grid, Path(folder) / "sweep", workers=cfg.get("workers", 2), progress=True)
+    table = run_sweep(e1b_cell, grid, Path(folder) / "sweep", workers=cfg.workers, progress=True)
     wall = time.perf_counter() - t0
-    checks, agg = analyse(table, cfg)
-    agg.to_csv(Path(folder) / "aggregate.csv", index=False)
+    aggregate(table, cfg).to_csv(Path(folder) / "aggregate.csv", index=False)
     drift = bt_slope_drift(cfg)
     drift.to_csv(Path(folder) / "bt_slope_drift.csv", index=False)
     extra = drift.melt(id_vars="H", var_name="metric").assign(learner="population")
-    table = pd.concat([table, extra], ignore_index=True).assign(sweep_wall_time_s=wall)
-    return table, checks
+    return pd.concat([table, extra], ignore_index=True).assign(sweep_wall_time_s=wall)

@@ -1,4 +1,4 @@
-"""E2: RTO Proposition 3.2 (theory.md section 5, prediction S11): reward-query counts of a sentence-level
+"""E2: RTO Proposition 3.2 (docs/theory.md section 5, prediction S11): reward-query counts of a sentence-level
 black-box learner against a token-level pruning learner.
 
 Grid: A in {2, 3, 4} x H in 1..10 (instances with A^H <= `max_responses`) x evaluator families
@@ -15,6 +15,7 @@ integer ceiling (the most lenient integer reading) to show they do not depend on
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -25,33 +26,41 @@ from ..search import make_instance, run_instance
 PRIMARY = "token_best_first_known_queries"
 
 
-def config(quick: bool) -> dict:
-    return {
-        "A": [2, 3, 4],
-        "H": [1, 2, 3, 4, 5, 6] if quick else list(range(1, 11)),
-        "max_responses": 4096 if quick else 65536,
-        "softmax_temperatures": [0.1, 0.3, 1.0, 3.0] if quick else [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 3.0],
-        "spike_q": [0.6, 0.9] if quick else [0.5, 0.7, 0.9, 0.99],
-        "tail_fractions": [0.0, 0.5] if quick else [0.0, 0.25, 0.5, 0.75, 1.0],   # m = round(f * (H - 1))
-        "seeds": 2 if quick else 3,
-    }
+@dataclass(frozen=True)
+class Config:
+    """A, H: vocabulary sizes and horizons (instances with A^H <= max_responses only); the evaluator families'
+    sweeps (`rto_sim.search.make_instance`): softmax_temperatures, spike_q (probability of the spike),
+    tail_fractions (prefix length m = round(f * (H - 1))); seeds: random instances per setting."""
+
+    A: tuple[int, ...] = (2, 3, 4)
+    H: tuple[int, ...] = tuple(range(1, 11))
+    max_responses: int = 65536
+    softmax_temperatures: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 3.0)
+    spike_q: tuple[float, ...] = (0.5, 0.7, 0.9, 0.99)
+    tail_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seeds: int = 3
+
+    @classmethod
+    def quick(cls) -> Config:
+        return replace(cls(), H=(1, 2, 3, 4, 5, 6), max_responses=4096, softmax_temperatures=(0.1, 0.3, 1.0, 3.0),
+                       spike_q=(0.6, 0.9), tail_fractions=(0.0, 0.5), seeds=2)
 
 
-def _instances(cfg: dict):
-    for A, H in itertools.product(cfg["A"], cfg["H"]):
-        if A**H > cfg["max_responses"]:
+def _instances(cfg: Config):
+    for A, H in itertools.product(cfg.A, cfg.H):
+        if A**H > cfg.max_responses:
             continue
         yield A, H, "uniform", {}, 0
-        for seed in range(cfg["seeds"]):
-            for T in cfg["softmax_temperatures"]:
+        for seed in range(cfg.seeds):
+            for T in cfg.softmax_temperatures:
                 yield A, H, "softmax", {"temperature": T}, seed
-            for q in cfg["spike_q"]:
+            for q in cfg.spike_q:
                 yield A, H, "spike", {"q": q}, seed
-            for f in sorted({round(f * (H - 1)) for f in cfg["tail_fractions"]}):
+            for f in sorted({round(f * (H - 1)) for f in cfg.tail_fractions}):
                 yield A, H, "tail", {"m": int(f)}, seed
 
 
-def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+def run(cfg: Config, folder) -> pd.DataFrame:
     rows = []
     for i, (A, H, fam, kw, seed) in enumerate(_instances(cfg)):
         inst = make_instance(A, H, fam, seed=1000 * seed + i, **kw)
@@ -59,8 +68,7 @@ def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
         row.update({"instance": i, "seed": 1000 * seed + i, "temperature": kw.get("temperature", np.nan),
                     "q": kw.get("q", np.nan), "m": kw.get("m", -1)})
         rows.append(row)
-    df = pd.DataFrame(rows)
-    return df, checks(df)
+    return pd.DataFrame(rows)
 
 
 def _example(df: pd.DataFrame, mask: pd.Series, key: str, worst: str = "max") -> str:
@@ -73,49 +81,60 @@ def _example(df: pd.DataFrame, mask: pd.Series, key: str, worst: str = "max") ->
             f"token queries {r[PRIMARY]}, paper A^min(xi+1,H)={r.paper_bound:.2f}, corrected {r.corrected_bound:.1f}")
 
 
-def checks(df: pd.DataFrame) -> dict:
-    n = len(df)
-    out = {}
-    token_cols = [c for c in df.columns if c.startswith("token_") and c.endswith("_queries")]
-    exact_cols = [c for c in df.columns if c.endswith("_exact")]
+def _token_cols(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("token_") and c.endswith("_queries")]
 
+
+def check_sentence(df: pd.DataFrame) -> Check:
+    n = len(df)
     ok = int((df.sentence_queries == df.K).sum())
-    out["S11_sentence"] = Check(
+    return Check(
         quantity="sentence-level black-box queries to certify argmax pi_e", predicted="exactly A^H",
         measured=f"{ok}/{n} instances equal A^H", tolerance="exact", verdict="pass" if ok == n else "fail",
         note="counted by the oracle. A sentence learner that also used sum_y pi_e(y) = 1 could stop early: "
              f"median {np.median(df.sentence_mass_aware_queries / df.K):.3f} of A^H in lexicographic order "
              "(column sentence_mass_aware_queries); the A^H count assumes a generic black-box sentence reward.")
 
-    ex = int(df[exact_cols].all(axis=1).sum())
-    out["S11_exact"] = Check(
+
+def check_exact(df: pd.DataFrame) -> Check:
+    n = len(df)
+    ex = int(df[[c for c in df.columns if c.endswith("_exact")]].all(axis=1).sum())
+    return Check(
         quantity="every learner returns y* = argmax pi_e (checked against brute force)", predicted="all",
         measured=f"{ex}/{n}", tolerance="|log pi_e(y) - log p*| <= 1e-9", verdict="pass" if ex == n else "fail",
-        note=f"learners: sentence and {', '.join(token_cols)}")
+        note=f"learners: sentence and {', '.join(_token_cols(df))}")
 
+
+def check_corrected_bound(df: pd.DataFrame) -> Check:
     q = df[PRIMARY]
     within = q <= df.corrected_bound * (1 + 1e-12)
-    out["S11_token_corrected_bound"] = Check(
+    return Check(
         quantity="token queries (best_first/known) <= min(A^H, H A^(xi+1) + A^xi), real xi",
-        predicted="all instances", measured=f"{int(within.sum())}/{n}; max ratio to the bound "
+        predicted="all instances", measured=f"{int(within.sum())}/{len(df)}; max ratio to the bound "
                                             f"{(q / df.corrected_bound).max():.3f}",
         tolerance="exact count", verdict="pass" if within.all() else "fail",
         note="the bound follows from best-first order: every query's first new prefix is a child of a prefix with "
              "P >= p*, and at most A^xi prefixes per depth have P >= A^-xi. Other learners: " + "; ".join(
-                 f"{c}: {int((df[c] > df.corrected_bound * (1 + 1e-12)).sum())} above" for c in token_cols))
+                 f"{c}: {int((df[c] > df.corrected_bound * (1 + 1e-12)).sum())} above" for c in _token_cols(df)))
 
+
+def check_instance_bounds(df: pd.DataFrame) -> Check:
+    q = df[PRIMARY]
     inst_ok = (df.instance_lower_bound <= q) & (q <= df.instance_upper_bound)
-    out["S11_token_instance_bounds"] = Check(
+    return Check(
         quantity="A*#{k<H: P(v)>p*} (max over depths) <= token queries <= A*#{depth<H: P(v)>=p*}",
-        predicted="all instances", measured=f"{int(inst_ok.sum())}/{n}", tolerance="exact count",
+        predicted="all instances", measured=f"{int(inst_ok.sum())}/{len(df)}", tolerance="exact count",
         verdict="pass" if inst_ok.all() else "fail",
         note="instance-level version of the corrected bound (rto_sim.search.instance_lower/upper_bound); the upper "
              "one implies the corrected bound")
 
+
+def check_paper_upper(df: pd.DataFrame) -> Check:
+    n, q = len(df), df[PRIMARY]
     above = q > df.paper_bound * (1 + 1e-12)
     above_ceil = q > df.paper_bound_ceil * (1 + 1e-12)
     worst = (q / df.paper_bound).max()
-    out["S11_token_paper_upper"] = Check(
+    return Check(
         quantity="instances whose token query count exceeds the paper's A^min(xi+1,H) (real xi)",
         predicted=0, measured=int(above.sum()), tolerance=0,
         verdict="pass" if not above.any() else "fail",
@@ -125,13 +144,16 @@ def checks(df: pd.DataFrame) -> dict:
              + f". Worst: {_example(df, above, 'paper_bound')}. The paper's count misses the factor H: a query "
              "reveals one new prefix per depth, and the children of every high-probability prefix on every "
              "depth must be revealed. Other learners above it: " + "; ".join(
-                 f"{c}: {int((df[c] > df.paper_bound * (1 + 1e-12)).sum())}" for c in token_cols))
+                 f"{c}: {int((df[c] > df.paper_bound * (1 + 1e-12)).sum())}" for c in _token_cols(df)))
 
+
+def check_paper_lower(df: pd.DataFrame) -> Check:
+    n, q = len(df), df[PRIMARY]
     below = q < df.paper_bound * (1 - 1e-12)
     nondeg = df.p_star < 1 - 1e-12
-    out["S11_token_paper_lower"] = Check(
+    return Check(
         quantity="instances whose token query count is below A^min(xi+1,H) (real xi)",
-        predicted="0 (theory.md S11 reads the paper's count as a lower end)", measured=int(below.sum()),
+        predicted="0 (docs/theory.md S11 reads the paper's count as a lower end)", measured=int(below.sum()),
         tolerance=0, verdict="pass" if not below.any() else "fail",
         note=f"{int(below.sum())}/{n} instances below ({int((below & nondeg).sum())} with p* < 1); min ratio "
              f"{(q / df.paper_bound).min():.3f}. Most extreme non-degenerate example: "
@@ -139,14 +161,17 @@ def checks(df: pd.DataFrame) -> dict:
              "bound; the valid instance lower bound is A * max_k #{v at depth k: P(v) > p*} "
              "(S11_token_instance_bounds).")
 
+
+def check_h1_equal(df: pd.DataFrame) -> Check:
     h1 = df[df.H == 1]
     nd = h1[h1.p_star < 1 - 1e-12]
+    token_cols = _token_cols(df)
     known = [c for c in token_cols if c.endswith("_known_queries")]
     resid = [c for c in token_cols if c.endswith("_residual_queries")]
     eq = nd[known].eq(nd.sentence_queries, axis=0).all(axis=1) & nd[resid].eq(nd.sentence_mass_aware_queries,
                                                                                axis=0).all(axis=1)
     deg = h1[h1.p_star >= 1 - 1e-12]
-    out["S11_H1_equal"] = Check(
+    return Check(
         quantity="H = 1: token queries equal sentence queries", predicted="all non-degenerate (p* < 1) H=1 instances",
         measured=f"{int(eq.sum())}/{len(nd)}", tolerance="exact", verdict="pass" if len(nd) and eq.all() else "fail",
         note="with H = 1 a token query reveals exactly the sentence reward: the 'known'-rule token learners match the "
@@ -156,12 +181,14 @@ def checks(df: pd.DataFrame) -> dict:
              "stops at the first response with log pi_e = 0 because it knows the root prefix has probability 1 "
              f"(token counts {sorted(set(deg[known[0]].tolist())) if len(deg) else []}).")
 
+
+def check_no_separation(df: pd.DataFrame) -> Check:
     hi = df[(df.xi >= df.H - 1 - 1e-9) & (df.H >= 2)]
     lo = df[(df.xi < df.H - 1 - 1e-9) & (df.H >= 2)]
     ratio_hi = hi[PRIMARY] / hi.K
     floor = (hi.A - 1) / hi.A**3
     ok_hi = bool((ratio_hi >= floor * (1 - 1e-12)).all()) if len(hi) else False
-    out["S11_no_separation"] = Check(
+    return Check(
         quantity="xi >= H-1: token queries / A^H",
         predicted="paper's count = A^H (no separation); provable floor (A-1)/A^3 for the 'known' rule",
         measured=(f"{len(hi)} instances: min {ratio_hi.min():.3f}, median {ratio_hi.median():.3f}; "
@@ -171,14 +198,11 @@ def checks(df: pd.DataFrame) -> dict:
         note="with p* <= A^-(H-1), prefixes of depth H-2 with P <= p* hold at most 1/A of the mass, so >= (1-1/A) "
              "A^(H-3) of them have P > p* and all their children must be revealed. The count stays a large fraction "
              "of A^H but can be A-fold below it (tail family: deterministic last token)")
-    return out
 
 
-def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Median token / sentence counts per (A, H, family) for the docs."""
-    g = df.groupby(["A", "H", "family"])
-    return g.agg(n=("K", "size"), K=("K", "first"), xi_median=("xi", "median"),
-                 token_median=(PRIMARY, "median"), token_max=(PRIMARY, "max"),
-                 paper_exceed=("paper_bound", lambda s: int((df.loc[s.index, PRIMARY] > s * (1 + 1e-12)).sum())))
-
-
+def checks(table: pd.DataFrame, cfg: Config) -> dict[str, Check]:
+    return {"S11_sentence": check_sentence(table), "S11_exact": check_exact(table),
+            "S11_token_corrected_bound": check_corrected_bound(table),
+            "S11_token_instance_bounds": check_instance_bounds(table),
+            "S11_token_paper_upper": check_paper_upper(table), "S11_token_paper_lower": check_paper_lower(table),
+            "S11_H1_equal": check_h1_equal(table), "S11_no_separation": check_no_separation(table)}

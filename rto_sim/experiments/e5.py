@@ -1,4 +1,4 @@
-"""E5: reward-model overoptimization (theory.md S14; Gao et al. 2023; Coste et al. 2024).
+"""E5: reward-model overoptimization (docs/theory.md S14; Gao et al. 2023; Coste et al. 2024).
 
 Per seed: a tree MDP (A = 3, H = 6, no EOS: K = 729 responses per prompt), a true token reward r* of class
 `reward_class` scaled so E_x Var_{pi_ref} R* = return_var, and N Bradley-Terry pairs from pi_ref (nested:
@@ -25,31 +25,52 @@ For each: gold E_q R*, KL(q || pi_ref), sqrt(KL) (per prompt, averaged with rho)
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ..exact import enumerate_responses
 from ..features import draw_theta, make_features
+from ..learners import fit_bandit_mle, fit_tabular_dpo, fit_token_mle
 from ..mdp import TokenMDP
+from ..preferences import sample_preferences
 from ..results import Check
+from .stats import ci_verdict, fmt_interval, t_interval
 
 PROXIES = ("token_mle", "bandit", "dpo")
 ENSEMBLES = ("single", "worst", "uwo")
 
 
-def config(quick: bool) -> dict:
-    return {
-        "A": 3, "H": 6, "n_prompts": 1 if quick else 2, "reward_class": "bigram", "return_var": 0.25,
-        "N": [300, 3000] if quick else [300, 1000, 3000],
-        "proxies": ["token_mle", "bandit"] if quick else list(PROXIES),
-        "mle_ridge": 1e-3, "bandit_ridge": 0.01, "beta_dpo": 0.1, "dpo_ridge": 0.01,
-        "n_members": 5, "uw_k": 1.0,
-        "bon_n": [int(2**k) for k in range(0, 17)],
-        "gibbs_t": [float(t) for t in np.logspace(1, -2.5, 22)],
-        "seeds": 2 if quick else 20, "seed0": 0,
-    }
+@dataclass(frozen=True)
+class Config:
+    """A, H, n_prompts: the tree (no EOS); reward_class, return_var: the true reward r*; N: preference pairs
+    (nested subsets); proxies: subset of PROXIES; mle_ridge, bandit_ridge: ridges of the token and bandit MLEs;
+    beta_dpo, dpo_ridge: tabular DPO; n_members: bootstrap members of an ensemble, uw_k: k of the
+    uncertainty-weighted ensemble; bon_n: best-of-n sizes; gibbs_t: Gibbs temperatures (strong optimization
+    last); seeds: instances, numbered from seed0."""
+
+    A: int = 3
+    H: int = 6
+    n_prompts: int = 2
+    reward_class: str = "bigram"
+    return_var: float = 0.25
+    N: tuple[int, ...] = (300, 1000, 3000)
+    proxies: tuple[str, ...] = PROXIES
+    mle_ridge: float = 1e-3
+    bandit_ridge: float = 0.01
+    beta_dpo: float = 0.1
+    dpo_ridge: float = 0.01
+    n_members: int = 5
+    uw_k: float = 1.0
+    bon_n: tuple[int, ...] = tuple(int(2**k) for k in range(0, 17))
+    gibbs_t: tuple[float, ...] = tuple(float(t) for t in np.logspace(1, -2.5, 22))
+    seeds: int = 20
+    seed0: int = 0
+
+    @classmethod
+    def quick(cls) -> Config:
+        return replace(cls(), n_prompts=1, N=(300, 3000), proxies=("token_mle", "bandit"), seeds=2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,10 +108,10 @@ def _kl(q: np.ndarray, logp: np.ndarray) -> float:
     return float(np.sum(q[m] * (np.log(q[m]) - logp[m])))
 
 
-def sweep(logp_by_prompt, gold_by_prompt, proxy_by_prompt, rho, cfg) -> list[dict]:
+def sweep(logp_by_prompt, gold_by_prompt, proxy_by_prompt, rho, cfg: Config) -> list[dict]:
     """Gold, KL and sqrt(KL) of best-of-n and Gibbs policies of one proxy, averaged over prompts with rho."""
     rows = []
-    for family, params in (("bon", cfg["bon_n"]), ("gibbs", cfg["gibbs_t"])):
+    for family, params in (("bon", cfg.bon_n), ("gibbs", cfg.gibbs_t)):
         for i, par in enumerate(params):
             gold = kl = 0.0
             for w, logp, g, s in zip(rho, logp_by_prompt, gold_by_prompt, proxy_by_prompt):
@@ -109,14 +130,12 @@ def sweep(logp_by_prompt, gold_by_prompt, proxy_by_prompt, rho, cfg) -> list[dic
 
 def _fit_proxy(kind: str, data, mdp, phi, enum, cfg) -> np.ndarray:
     """(rows of enum,) proxy R_hat(y) for every enumerated response."""
-    from ..learners import fit_bandit_mle, fit_tabular_dpo, fit_token_mle
-
     if kind == "token_mle":
-        return fit_token_mle(data, phi, ridge=cfg["mle_ridge"]).returns(enum)
+        return fit_token_mle(data, phi, ridge=cfg.mle_ridge).returns(enum)
     if kind == "bandit":
-        return fit_bandit_mle(data, mdp, ridge=cfg["bandit_ridge"]).returns(enum)
+        return fit_bandit_mle(data, mdp, ridge=cfg.bandit_ridge).returns(enum)
     if kind == "dpo":
-        return fit_tabular_dpo(data, mdp, beta=cfg["beta_dpo"], ridge=cfg["dpo_ridge"]).returns(enum)
+        return fit_tabular_dpo(data, mdp, beta=cfg.beta_dpo, ridge=cfg.dpo_ridge).returns(enum)
     raise ValueError(f"proxy must be one of {PROXIES}, got {kind!r}")
 
 
@@ -129,17 +148,17 @@ def _add_rows(ctx, proxy_all: np.ndarray, **keys) -> None:
                          "param": row["param"], "metric": metric, "value": row[metric]})
 
 
-def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
-    """Run the grid (see module docstring); `run_experiment` pins BLAS to one thread around it."""
-    from ..preferences import sample_preferences
-
+def run(cfg: Config, folder) -> pd.DataFrame:
+    """Run the grid (see module docstring): rows (proxy, N, ensemble, seed, family, step, param, metric, value),
+    the fit times (family "timing", metric "fit_s") and the wall time (metric "wall_s");
+    `run_experiment` pins BLAS to one thread around it."""
     t_start = time.perf_counter()
     rows: list[dict] = []
-    for k in range(cfg["seeds"]):
-        seed = cfg["seed0"] + k
-        mdp = TokenMDP.tree(cfg["A"], cfg["H"], n_prompts=cfg["n_prompts"], seed=40_000 + seed)
-        phi = make_features(mdp, cfg["reward_class"])
-        r_true = phi.token_reward(draw_theta(mdp, phi, return_var=cfg["return_var"], seed=50_000 + seed))
+    for k in range(cfg.seeds):
+        seed = cfg.seed0 + k
+        mdp = TokenMDP.tree(cfg.A, cfg.H, n_prompts=cfg.n_prompts, seed=40_000 + seed)
+        phi = make_features(mdp, cfg.reward_class)
+        r_true = phi.token_reward(draw_theta(mdp, phi, return_var=cfg.return_var, seed=50_000 + seed))
         enum = enumerate_responses(mdp)
         split = [np.flatnonzero(enum.prompt == x) for x in range(mdp.n_prompts)]
         logp_all = enum.log_prob(mdp.log_pi_ref)
@@ -149,45 +168,29 @@ def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
 
         ctx = (rows, logp, gold, split, mdp.rho, cfg, seed)
         _add_rows(ctx, gold_all, proxy="exact", N=0, ensemble="single")
-        full = sample_preferences(mdp, r_true, int(max(cfg["N"])), seed=60_000 + seed)
+        full = sample_preferences(mdp, r_true, int(max(cfg.N)), seed=60_000 + seed)
         rng = np.random.default_rng(70_000 + seed)
-        for N in cfg["N"]:
+        for N in cfg.N:
             data = full.subset(slice(0, int(N)))
-            boots = [rng.integers(0, int(N), size=int(N)) for _ in range(cfg["n_members"])]
-            for kind in cfg["proxies"]:
+            boots = [rng.integers(0, int(N), size=int(N)) for _ in range(cfg.n_members)]
+            for kind in cfg.proxies:
                 t0 = time.perf_counter()
                 single = _fit_proxy(kind, data, mdp, phi, enum, cfg)
                 members = np.stack([_fit_proxy(kind, data.subset(b), mdp, phi, enum, cfg) for b in boots])
                 fit_s = time.perf_counter() - t0
                 _add_rows(ctx, single, proxy=kind, N=int(N), ensemble="single")
                 _add_rows(ctx, members.min(axis=0), proxy=kind, N=int(N), ensemble="worst")
-                uwo = members.mean(axis=0) - cfg["uw_k"] * members.std(axis=0, ddof=1)
+                uwo = members.mean(axis=0) - cfg.uw_k * members.std(axis=0, ddof=1)
                 _add_rows(ctx, uwo, proxy=kind, N=int(N), ensemble="uwo")
                 rows.append({"proxy": kind, "N": int(N), "ensemble": "fit", "seed": seed, "family": "timing",
                              "step": 0, "param": 0.0, "metric": "fit_s", "value": fit_s})
-    df = pd.DataFrame(rows)
-    checks = _checks(cfg, df)
     wall = pd.DataFrame([{"family": "timing", "metric": "wall_s", "value": time.perf_counter() - t_start}])
-    df = pd.concat([df, wall], ignore_index=True)
-    return df, checks
+    return pd.concat([pd.DataFrame(rows), wall], ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------------------
-
-
-def _ci(x) -> tuple[float, float, float]:
-    x = np.asarray(x, float)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    h = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return m, m - h, m + h
-
-
-def _fmt(ci) -> str:
-    return f"{ci[0]:.4f} [{ci[1]:.4f}, {ci[2]:.4f}]"
 
 
 def curve_summary(df: pd.DataFrame, proxy: str, N: int, ensemble: str, family: str) -> dict:
@@ -201,13 +204,12 @@ def curve_summary(df: pd.DataFrame, proxy: str, N: int, ensemble: str, family: s
     last = int(mean.index.max())
     fall = g[peak] - g[last]
     return {"peak_step": peak, "peak_sqrt_kl": float(s[peak].mean()), "peak_gold": float(mean[peak]),
-            "end_gold": float(mean[last]), "end_sqrt_kl": float(s[last].mean()), "fall": _ci(fall.to_numpy()),
+            "end_gold": float(mean[last]), "end_sqrt_kl": float(s[last].mean()), "fall": t_interval(fall.to_numpy()),
             "rise": float(mean[peak] - mean[0])}
 
 
-def _checks(cfg: dict, df: pd.DataFrame) -> dict:
-    checks: dict[str, Check] = {}
-    # exact proxy: gold monotone in sqrt(KL) along both families
+def check_exact(df: pd.DataFrame, cfg: Config) -> Check:
+    """S14 control: with the exact proxy gold rises monotonically in sqrt(KL) along both families."""
     worst_step, worst_kl = np.inf, np.inf
     for family in ("bon", "gibbs"):
         d = df[(df.proxy == "exact") & (df.family == family)]
@@ -217,58 +219,69 @@ def _checks(cfg: dict, df: pd.DataFrame) -> dict:
             worst_step = min(worst_step, float(np.diff(g).min()))
             worst_kl = min(worst_kl, float(np.diff(s).min()))
     tol = 1e-9
-    checks["S14_exact"] = Check(
+    return Check(
         quantity="min increment of gold (and of sqrt KL) between consecutive optimization strengths, exact proxy",
         predicted=">= 0 (gold rises monotonically in sqrt(KL))",
         measured={"min_gold_increment": worst_step, "min_sqrt_kl_increment": worst_kl}, tolerance=-tol,
         verdict="pass" if worst_step >= -tol and worst_kl >= -tol else "fail",
-        note=f"best-of-n n in 1..{max(cfg['bon_n'])} and Gibbs t in {cfg['gibbs_t'][0]:.3g}..{cfg['gibbs_t'][-1]:.3g}; "
-             f"{cfg['seeds']} seeds; exact laws from the enumerated pi_ref")
-    # finite-N proxies: rise then fall, peak right and up with N
-    for kind in cfg["proxies"]:
+        note=f"best-of-n n in 1..{max(cfg.bon_n)} and Gibbs t in {cfg.gibbs_t[0]:.3g}..{cfg.gibbs_t[-1]:.3g}; "
+             f"{cfg.seeds} seeds; exact laws from the enumerated pi_ref")
+
+
+def check_rise_and_fall(df: pd.DataFrame, kind: str, family: str, cfg: Config) -> Check:
+    """S14: a finite-N proxy's gold rises then falls; the peak moves right and up with N."""
+    summ = {N: curve_summary(df, kind, N, "single", family) for N in cfg.N}
+    falls = all(v["fall"][1] > 0 if np.isfinite(v["fall"][1]) else v["fall"][0] > 0 for v in summ.values())
+    rises = all(v["rise"] > 0 for v in summ.values())
+    Ns = sorted(summ)
+    right = all(summ[b]["peak_sqrt_kl"] >= summ[a]["peak_sqrt_kl"] for a, b in zip(Ns, Ns[1:]))
+    up = all(summ[b]["peak_gold"] >= summ[a]["peak_gold"] for a, b in zip(Ns, Ns[1:]))
+    measured = {f"N={N}": {"peak_sqrt_kl": round(v["peak_sqrt_kl"], 4), "peak_gold": round(v["peak_gold"], 4),
+                           "end_gold": round(v["end_gold"], 4), "fall": fmt_interval(v["fall"])}
+                for N, v in summ.items()}
+    measured.update({"rises": rises, "falls_significantly": falls, "peak_moves_right": right, "peak_moves_up": up})
+    last = f"n = {max(cfg.bon_n)}" if family == "bon" else f"t = {cfg.gibbs_t[-1]:.3g}"
+    return Check(
+        quantity=f"{kind} proxy, {family}: seed-mean gold vs sqrt(KL) -- rise, fall from the peak to the "
+                 "strongest optimization, peak position vs N",
+        predicted="rises then falls (fall > 0); peak sqrt(KL) and peak gold non-decreasing in N",
+        measured=measured, tolerance="95% CI of the fall excludes 0",
+        verdict="pass" if (falls and rises and right and up) else "fail",
+        note=f"{cfg.seeds} seeds; fall = gold at the seed-mean peak minus gold at the last step ({last}), "
+             "paired over seeds")
+
+
+def check_ensemble(df: pd.DataFrame, ens: str, cfg: Config) -> Check:
+    """S14: an ensemble (worst-case or uncertainty-weighted) flattens the fall of the single proxy."""
+    per_seed = []
+    cells = {}
+    for kind in cfg.proxies:
         for family in ("bon", "gibbs"):
-            summ = {N: curve_summary(df, kind, N, "single", family) for N in cfg["N"]}
-            falls = all(v["fall"][1] > 0 if np.isfinite(v["fall"][1]) else v["fall"][0] > 0 for v in summ.values())
-            rises = all(v["rise"] > 0 for v in summ.values())
-            Ns = sorted(summ)
-            right = all(summ[b]["peak_sqrt_kl"] >= summ[a]["peak_sqrt_kl"] for a, b in zip(Ns, Ns[1:]))
-            up = all(summ[b]["peak_gold"] >= summ[a]["peak_gold"] for a, b in zip(Ns, Ns[1:]))
-            verdict = "pass" if (falls and rises and right and up) else "fail"
-            measured = {f"N={N}": {"peak_sqrt_kl": round(v["peak_sqrt_kl"], 4), "peak_gold": round(v["peak_gold"], 4),
-                                   "end_gold": round(v["end_gold"], 4), "fall": _fmt(v["fall"])}
-                        for N, v in summ.items()}
-            measured.update({"rises": rises, "falls_significantly": falls, "peak_moves_right": right,
-                             "peak_moves_up": up})
-            last = f"n = {max(cfg['bon_n'])}" if family == "bon" else f"t = {cfg['gibbs_t'][-1]:.3g}"
-            checks[f"S14_{kind}_{family}"] = Check(
-                quantity=f"{kind} proxy, {family}: seed-mean gold vs sqrt(KL) -- rise, fall from the peak to the "
-                         "strongest optimization, peak position vs N",
-                predicted="rises then falls (fall > 0); peak sqrt(KL) and peak gold non-decreasing in N",
-                measured=measured, tolerance="95% CI of the fall excludes 0", verdict=verdict,
-                note=f"{cfg['seeds']} seeds; fall = gold at the seed-mean peak minus gold at the last step "
-                     f"({last}), "
-                     "paired over seeds")
-    # ensembles flatten the fall
+            for N in cfg.N:
+                d = df[(df.proxy == kind) & (df.N == N) & (df.family == family) & (df.metric == "gold")]
+                piv = d.pivot_table(index=["seed", "ensemble"], columns="step", values="value")
+                last = max(piv.columns)
+                drop = piv.max(axis=1) - piv[last]               # per-seed own-peak minus end
+                diff = drop.xs("single", level="ensemble") - drop.xs(ens, level="ensemble")
+                cells[f"{kind}/{family}/N={N}"] = round(float(diff.mean()), 4)
+                per_seed.append(diff)
+    avg = pd.concat(per_seed, axis=1).mean(axis=1)
+    m, lo, hi = t_interval(avg.to_numpy())
+    return Check(
+        quantity=f"fall(single) - fall({ens} ensemble of {cfg.n_members}), fall = own peak gold - gold at the "
+                 "strongest optimization, averaged over proxies/families/N per seed",
+        predicted="> 0 (ensembles flatten the fall)", measured={"mean": m, "ci95": [lo, hi], "cells": cells},
+        tolerance="95% CI excludes 0", verdict=ci_verdict(lo, hi, m),
+        note=f"{cfg.seeds} seeds; bootstrap members; uwo k = {cfg.uw_k}")
+
+
+def checks(table: pd.DataFrame, cfg: Config) -> dict[str, Check]:
+    """S14 (module docstring) on the measurement rows (the wall-time row left out)."""
+    df = table[table.metric != "wall_s"].astype({"N": int, "seed": int, "step": int})
+    out = {"S14_exact": check_exact(df, cfg)}
+    for kind in cfg.proxies:
+        for family in ("bon", "gibbs"):
+            out[f"S14_{kind}_{family}"] = check_rise_and_fall(df, kind, family, cfg)
     for ens in ("worst", "uwo"):
-        per_seed = []
-        cells = {}
-        for kind in cfg["proxies"]:
-            for family in ("bon", "gibbs"):
-                for N in cfg["N"]:
-                    d = df[(df.proxy == kind) & (df.N == N) & (df.family == family) & (df.metric == "gold")]
-                    piv = d.pivot_table(index=["seed", "ensemble"], columns="step", values="value")
-                    last = max(piv.columns)
-                    drop = piv.max(axis=1) - piv[last]               # per-seed own-peak minus end
-                    diff = drop.xs("single", level="ensemble") - drop.xs(ens, level="ensemble")
-                    cells[f"{kind}/{family}/N={N}"] = round(float(diff.mean()), 4)
-                    per_seed.append(diff)
-        avg = pd.concat(per_seed, axis=1).mean(axis=1)
-        m, lo, hi = _ci(avg.to_numpy())
-        verdict = "pass" if lo > 0 else ("fail" if hi < 0 or m <= 0 else "inconclusive")
-        checks[f"S14_ensemble_{ens}"] = Check(
-            quantity=f"fall(single) - fall({ens} ensemble of {cfg['n_members']}), fall = own peak gold - gold at the "
-                     "strongest optimization, averaged over proxies/families/N per seed",
-            predicted="> 0 (ensembles flatten the fall)", measured={"mean": m, "ci95": [lo, hi], "cells": cells},
-            tolerance="95% CI excludes 0", verdict=verdict,
-            note=f"{cfg['seeds']} seeds; bootstrap members; uwo k = {cfg['uw_k']}")
-    return checks
+        out[f"S14_ensemble_{ens}"] = check_ensemble(df, ens, cfg)
+    return out

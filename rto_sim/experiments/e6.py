@@ -1,4 +1,4 @@
-"""E6: coverage (theory.md sections 4 and 6, prediction S10).
+"""E6: coverage (docs/theory.md sections 4 and 6, prediction S10).
 
 Full tree A = 3, H = 5 (K = 243), uniform pi_ref, bigram token reward r*(s, a) = theta*[(last token, a)]
 (d = 12), theta* scaled so Var_{pi_ref}(R) = 0.25. Data laws over responses, ALL with the same per-step
@@ -19,6 +19,8 @@ SubOpt of Algorithm 1 (pessimistic), the B.1 max-min policy and the greedy plug-
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
@@ -38,29 +40,41 @@ from ..pessimism import (
 from ..preferences import sample_preferences, trajectory_features
 from ..results import Check
 from ..sampling import Trajectories
-from .e3 import _seed, greedy_response, loglog_slope, setup_class
+from .e3 import greedy_response, setup_class
+from .stats import derived_seed, loglog_slope
 
 
-def config(quick: bool) -> dict:
-    return {
-        "A": 3, "H": 5, "return_var": 0.25, "ridge": 1e-3, "ref_seed": 1, "feature": "bigram",
-        "theta_seeds": [0] if quick else [0, 1],
-        "laws": ["independent", "mix_0.1", "mix_0.03", "shift", "copy"],
-        "N": [300, 1000] if quick else [300, 1000, 3000],
-        "betas": [0.1, 1.0],
-        "cal_seeds": 5 if quick else 15,
-        "eval_seeds": 6 if quick else 15,
-        "delta": 0.1,
-    }
+@dataclass(frozen=True)
+class Config:
+    """A, H: the tree (uniform pi_ref); return_var: Var_pi_ref(R) of theta*; ridge: token-MLE ridge; ref_seed;
+    feature: the reward class; theta_seeds: one theta* each; laws: data laws (module docstring); N: pairs per
+    data set; betas: KL coefficients; cal_seeds data sets calibrate rho at level 1 - delta, eval_seeds fresh
+    ones are evaluated."""
+
+    A: int = 3
+    H: int = 5
+    return_var: float = 0.25
+    ridge: float = 1e-3
+    ref_seed: int = 1
+    feature: str = "bigram"
+    theta_seeds: tuple[int, ...] = (0, 1)
+    laws: tuple[str, ...] = ("independent", "mix_0.1", "mix_0.03", "shift", "copy")
+    N: tuple[int, ...] = (300, 1000, 3000)
+    betas: tuple[float, ...] = (0.1, 1.0)
+    cal_seeds: int = 15
+    eval_seeds: int = 15
+    delta: float = 0.1
+
+    @classmethod
+    def quick(cls) -> Config:
+        return replace(cls(), theta_seeds=(0,), N=(300, 1000), cal_seeds=5, eval_seeds=6)
 
 
 def trajectories_from_actions(mdp, actions: np.ndarray) -> Trajectories:
     """Trajectories (prompt 0, no EOS) of given token sequences (n, H) on a tree/automaton."""
     n, H = actions.shape
-    states = np.zeros((n, H), np.int64)
-    for h in range(H - 1):
-        states[:, h + 1] = mdp.next_state[h][states[:, h], actions[:, h]]
-    return Trajectories(prompt=np.zeros(n, np.int64), actions=actions.astype(np.int64), states=states,
+    prompt = np.zeros(n, np.int64)
+    return Trajectories(prompt=prompt, actions=actions.astype(np.int64), states=mdp.states_of(prompt, actions),
                         mask=np.ones((n, H), bool))
 
 
@@ -108,36 +122,37 @@ def behaviour(mdp, law: str):
     return draw
 
 
-def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
+def run(cfg: Config, folder) -> pd.DataFrame:
+    """One row per (theta*, law, N, evaluation seed, beta)."""
     rows = []
-    for ti, tseed in enumerate(cfg["theta_seeds"]):
-        c = {**cfg, "theta_seed": tseed}
-        mdp, feats, theta, r = setup_class(c, cfg["feature"], None, reference="uniform")
+    for ti, tseed in enumerate(cfg.theta_seeds):
+        mdp, feats, theta, r = setup_class(cfg.A, cfg.H, cfg.feature, None, tseed, cfg.return_var, cfg.ref_seed,
+                                           reference="uniform")
         U = identifiable_basis(mdp, feats)
         y_star = greedy_response(mdp, argmax_policy(mdp, r))
         star_traj = trajectories_from_actions(mdp, y_star[None, :])
         psi_star = trajectory_features(feats, star_traj).toarray()[0]
         m_ref = expected_features(mdp, feats, mdp.pi_ref)
-        stars = {b: soft_bellman(mdp, r, b) for b in cfg["betas"]}
-        for li, law in enumerate(cfg["laws"]):
+        stars = {b: soft_bellman(mdp, r, b) for b in cfg.betas}
+        for li, law in enumerate(cfg.laws):
             beh = behaviour(mdp, law)
             floor = law_span_floor(mdp, feats, law, psi_star - m_ref, theta)
-            for N in cfg["N"]:
+            for N in cfg.N:
                 radii = []
-                for seed in range(cfg["cal_seeds"]):
-                    data = sample_preferences(mdp, r, N, seed=_seed(6, ti, li, N, seed), behaviour=beh)
-                    fit = fit_token_mle(data, feats, ridge=cfg["ridge"])
+                for seed in range(cfg.cal_seeds):
+                    data = sample_preferences(mdp, r, N, seed=derived_seed(6, ti, li, N, seed), behaviour=beh)
+                    fit = fit_token_mle(data, feats, ridge=cfg.ridge)
                     radii.append(ConfidenceSet(fit.theta, fit.sigma_D, 0.0, U).radius(theta))
-                rho = calibrate_rho(radii, cfg["delta"])
-                for seed in range(cfg["eval_seeds"]):
-                    data = sample_preferences(mdp, r, N, seed=_seed(7, ti, li, N, seed), behaviour=beh)
-                    fit = fit_token_mle(data, feats, ridge=cfg["ridge"])
+                rho = calibrate_rho(radii, cfg.delta)
+                for seed in range(cfg.eval_seeds):
+                    data = sample_preferences(mdp, r, N, seed=derived_seed(7, ti, li, N, seed), behaviour=beh)
+                    fit = fit_token_mle(data, feats, ridge=cfg.ridge)
                     cs = ConfidenceSet(fit.theta, fit.sigma_D, rho, U)
                     acts = np.concatenate([data.first.actions, data.second.actions])
                     per_step = (acts == y_star[None, :]).sum(axis=0)          # (H,) counts of y*_h at step h
                     err_star = abs(float((psi_star - m_ref) @ (fit.theta - theta)))
                     ball = ConfidenceSet(fit.theta, fit.sigma_D, rho, U, norm_bound=float(np.linalg.norm(theta)))
-                    for b in cfg["betas"]:
+                    for b in cfg.betas:
                         sol = pessimistic_policy(mdp, feats, cs, b)
                         pess = sol.policy
                         sol_ball = pessimistic_policy(mdp, feats, ball, b)
@@ -154,41 +169,41 @@ def run(cfg: dict, folder) -> tuple[pd.DataFrame, dict]:
                             "subopt_b1": sub_optimality(mdp, mm.policy, r, b), "b1_gap": mm.gap,
                             "subopt_pess_ball": sub_optimality(mdp, sol_ball.policy, r, b),
                             "bound_42": bnd["bound"], "bound_b1": bnd["b1"], "bound_42_ball": bnd_ball["bound"]})
-    df = pd.DataFrame(rows)
-    return df, checks(df, cfg)
+    return pd.DataFrame(rows)
 
 
-def checks(df: pd.DataFrame, cfg: dict) -> dict:
-    out = {}
-    df = df.astype({"event": bool})
-    cells = df.groupby(["theta_seed", "beta", "law", "N"]).agg(
+def cell_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Means over the evaluation seeds per (theta*, beta, law, N)."""
+    return df.groupby(["theta_seed", "beta", "law", "N"]).agg(
         coverage=("coverage", "mean"), subopt_pess=("subopt_pess", "mean"), subopt_greedy=("subopt_greedy", "mean"),
         subopt_b1=("subopt_b1", "mean"), subopt_pess_ball=("subopt_pess_ball", "mean"),
         per_step=("per_step_mean", "mean"), err_star=("err_star", "mean"),
         rho=("rho", "first")).reset_index()
 
-    # (1) SubOpt follows the coverage term, not the per-step counts (Algorithm 1, and the B.1 policy)
-    ps = cells.groupby(["theta_seed", "N"]).per_step.agg(lambda s: s.max() / s.min())
-    for col, name, label in (("subopt_pess", "S10_tracks_coverage", "Alg. 1"), ("subopt_b1", "S10_tracks_coverage_b1",
-                                                                              "B.1 max-min")):
-        rhos, notes = [], []
-        for (ts, b), c in cells.groupby(["theta_seed", "beta"]):
-            rs = spearmanr(c.coverage, c[col]).statistic
-            rc = spearmanr(c.per_step, c[col]).statistic
-            rhos.append(rs)
-            notes.append(f"theta {ts}, beta={b:g}: Spearman(coverage, SubOpt) {rs:.2f}, Spearman(per-step count, "
-                         f"SubOpt) {rc:.2f}")
-        worst = float(np.min(rhos))
-        out[name] = Check(
-            quantity=f"rank correlation over (law, N) cells of mean SubOpt({label}) with ||P E_pi* psi||_Sigma_D^-1",
-            predicted=">= 0.7 in every (theta*, beta); per-step counts equal across laws", measured=worst,
-            tolerance="Spearman >= 0.7", verdict="pass" if worst >= 0.7 else "fail",
-            note="; ".join(notes) + f". Per-step counts of y*'s tokens: max/min over laws at fixed N {ps.max():.3f} "
-            "(equal marginals by construction). Cells (law, N, beta: coverage term, mean SubOpt): " + "; ".join(
-                f"{x.law} N={x.N} b={x.beta:g}: {x.coverage:.3g}, {getattr(x, col):.4f}" for x in
-                cells[cells.theta_seed == cells.theta_seed.min()].itertuples()))
 
-    # (2) per-step coverage without span coverage: the error along psi(y*) stops shrinking at a floor
+def check_tracks_coverage(cells: pd.DataFrame, col: str, label: str) -> Check:
+    """S10 (1): SubOpt of a pessimistic policy (column `col`) follows the coverage term, not per-step counts."""
+    ps = cells.groupby(["theta_seed", "N"]).per_step.agg(lambda s: s.max() / s.min())
+    rhos, notes = [], []
+    for (ts, b), c in cells.groupby(["theta_seed", "beta"]):
+        rs = spearmanr(c.coverage, c[col]).statistic
+        rc = spearmanr(c.per_step, c[col]).statistic
+        rhos.append(rs)
+        notes.append(f"theta {ts}, beta={b:g}: Spearman(coverage, SubOpt) {rs:.2f}, Spearman(per-step count, "
+                     f"SubOpt) {rc:.2f}")
+    worst = float(np.min(rhos))
+    return Check(
+        quantity=f"rank correlation over (law, N) cells of mean SubOpt({label}) with ||P E_pi* psi||_Sigma_D^-1",
+        predicted=">= 0.7 in every (theta*, beta); per-step counts equal across laws", measured=worst,
+        tolerance="Spearman >= 0.7", verdict="pass" if worst >= 0.7 else "fail",
+        note="; ".join(notes) + f". Per-step counts of y*'s tokens: max/min over laws at fixed N {ps.max():.3f} "
+        "(equal marginals by construction). Cells (law, N, beta: coverage term, mean SubOpt): " + "; ".join(
+            f"{x.law} N={x.N} b={x.beta:g}: {x.coverage:.3g}, {getattr(x, col):.4f}" for x in
+            cells[cells.theta_seed == cells.theta_seed.min()].itertuples()))
+
+
+def check_span(df: pd.DataFrame) -> Check:
+    """S10 (2): with per-step coverage but no span coverage the error along psi(y*) stops at a floor."""
     first = df[(df.beta == df.beta.min())]
     e = first.groupby(["law", "N"]).agg(err=("err_star", "mean"), floor=("err_floor", "mean"))
     slopes = {law: loglog_slope(e.loc[law].index, e.loc[law].err.values) for law in e.index.levels[0]}
@@ -200,7 +215,7 @@ def checks(df: pd.DataFrame, cfg: dict) -> dict:
     main = max(rel, key=lambda k: big.loc[k, "floor"]) if rel else None
     ok = (-0.65 <= s_ind <= -0.35) and main is not None and abs(rel[main]) <= 0.3 and all(
         x >= -0.3 for x in rel.values())
-    out["S10_span"] = Check(
+    return Check(
         quantity="error along psi(y*), |<psi(y*) - E_pi_ref psi, theta_hat - theta*>|: slope in N (independent) "
                  "and level at the largest N vs the unidentifiable floor |<Pi_perp (psi(y*) - E psi), theta*>| "
                  "(copy, shift)",
@@ -215,11 +230,13 @@ def checks(df: pd.DataFrame, cfg: dict) -> dict:
         + ". All theta seeds pooled per law; the floor is the part of R(y*) the law's responses never distinguish. "
           "A law with a small floor (shift) is still approaching it at the largest N")
 
-    # (3) pessimism vs greedy under poor coverage
+
+def check_pessimism_vs_greedy(cells: pd.DataFrame) -> Check:
+    """S10 (3): under poor coverage Algorithm 1 does at least as well as the greedy plug-in."""
     poor = cells[cells.law != "independent"]
     wins = poor.subopt_pess <= poor.subopt_greedy
     good = cells[cells.law == "independent"]
-    out["S10_pessimism_vs_greedy"] = Check(
+    return Check(
         quantity="(law, N, beta, theta*) cells with poor coverage where mean SubOpt(Alg. 1) <= mean SubOpt(greedy)",
         predicted="all", measured=f"{int(wins.sum())}/{len(poor)}", tolerance="all cells",
         verdict="pass" if wins.all() else "fail",
@@ -230,21 +247,32 @@ def checks(df: pd.DataFrame, cfg: dict) -> dict:
           f"<= greedy: {int((poor.subopt_pess_ball <= poor.subopt_greedy).sum())}/{len(poor)}. Under good coverage "
           f"(independent) Alg.1 costs {good.subopt_pess.mean() - good.subopt_greedy.mean():+.4f} on average")
 
-    # (4) the bounds at the calibrated rho
+
+def check_bounds(df: pd.DataFrame, cells: pd.DataFrame, cfg: Config) -> Check:
+    """S10 (4): the Theorem 4.2 and B.1 bounds hold at the calibrated rho with probability >= 1 - delta."""
     hold = df.subopt_pess <= df.bound_42 + 1e-12
     hold_b1 = df.subopt_b1 <= df.bound_b1 + 1e-12
     hold_ball = df.subopt_pess_ball <= df.bound_42_ball + 1e-12
-    out["S10_bounds"] = Check(
+    return Check(
         quantity="fraction of cells with SubOpt <= Theorem 4.2 bound (Alg. 1) and <= B.1 bound (max-min)",
-        predicted=f">= {1 - cfg['delta']}", measured={"thm42": float(hold.mean()), "b1": float(hold_b1.mean()),
-                                                      "thm42_capped": float(hold_ball.mean()),
-                                                      "event": float(df.event.mean())},
-        tolerance="2 binomial SE", verdict="pass" if min(hold.mean(), hold_b1.mean()) >= 1 - cfg["delta"] - 2 * np.sqrt(
-            cfg["delta"] * (1 - cfg["delta"]) / len(df)) else "fail",
+        predicted=f">= {1 - cfg.delta}", measured={"thm42": float(hold.mean()), "b1": float(hold_b1.mean()),
+                                                   "thm42_capped": float(hold_ball.mean()),
+                                                   "event": float(df.event.mean())},
+        tolerance="2 binomial SE", verdict="pass" if min(hold.mean(), hold_b1.mean()) >= 1 - cfg.delta - 2 * np.sqrt(
+            cfg.delta * (1 - cfg.delta) / len(df)) else "fail",
         note="bounds hold on every cell where the event holds: "
              f"{bool(hold[df.event].all() and hold_b1[df.event].all())}; max B.1 duality gap {df.b1_gap.max():.1e}; "
              "calibrated rho per law (first theta*, smallest N): " + ", ".join(
             f"{x.law}: {x.rho:.2f}" for x in cells[(cells.theta_seed == cells.theta_seed.min()) &
                                                     (cells.N == cells.N.min()) & (cells.beta == cells.beta.min())]
             .itertuples()))
-    return out
+
+
+def checks(table: pd.DataFrame, cfg: Config) -> dict[str, Check]:
+    """S10 (module docstring)."""
+    df = table.astype({"event": bool})
+    cells = cell_means(df)
+    return {"S10_tracks_coverage": check_tracks_coverage(cells, "subopt_pess", "Alg. 1"),
+            "S10_tracks_coverage_b1": check_tracks_coverage(cells, "subopt_b1", "B.1 max-min"),
+            "S10_span": check_span(df), "S10_pessimism_vs_greedy": check_pessimism_vs_greedy(cells),
+            "S10_bounds": check_bounds(df, cells, cfg)}
