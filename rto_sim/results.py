@@ -98,6 +98,10 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+CHECK_KINDS = ("identity", "prediction")
+VERDICTS = ("pass", "fail", "inconclusive")
+
+
 @dataclass
 class Check:
     """One prediction or identity: what theory/paper says, what we measured, and the verdict.
@@ -111,6 +115,15 @@ class Check:
     tolerance: Any
     verdict: str
     note: str = ""
+    kind: str = "prediction"    # "identity": holds by mathematics or by construction (a failure is a bug);
+    #                             "prediction": an empirical claim that could come out either way
+    paper: str = ""             # the paper's own statement where the paper makes the claim; "" = our prediction
+
+    def __post_init__(self):
+        if self.kind not in CHECK_KINDS:
+            raise ValueError(f"Check.kind must be one of {CHECK_KINDS}, got {self.kind!r}")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"Check.verdict must be one of {VERDICTS}, got {self.verdict!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
