@@ -84,7 +84,7 @@ def run_stage(args) -> dict:
         f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch or args.batch}",
         f"train.max_steps={args.steps + args.warmup}", f"train.device={args.device}", "train.lr=1e-5",
         f"data.max_len={args.seq_len}", f"data.max_prompt_len={args.seq_len // 2}", "log.progress_bar=false",
-        "log.tensorboard=false", "checkpoint.export_hf=false",
+        "log.tensorboard=false", "checkpoint.export_hf=false", "checkpoint.overwrite=true",  # a rerun reuses workdir
     ]
     if args.size == "1b":
         overrides += ["model.dtype=bfloat16", f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"]

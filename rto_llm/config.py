@@ -11,6 +11,7 @@ choices). A float field accepts an int and a numeric string (PyYAML reads ``1e-5
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -55,12 +56,19 @@ class ModelConfig:
     lora_alpha: float = opt(16.0, "LoRA scaling alpha.")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch (0 keeps the model deterministic).")
     lora_target_modules: str = opt("all-linear", "Comma-separated module names for LoRA, or all-linear.")
+    pad_token: str = opt(
+        "auto", "PAD token (must differ from EOS): auto = keep the tokenizer's PAD when it differs from EOS, else add "
+        "'<|pad|>' and resize every role's embeddings (saved with every export); keep = never change the tokenizer; "
+        "or a token string (e.g. '<|finetune_right_pad_id|>'), added when new."
+    )
 
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise ConfigError(f"{prefix}.path is required: a local model directory (or a hub name)")
         if self.lora_rank < 0:
             raise ConfigError(f"{prefix}.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{prefix}.lora_alpha must be > 0 and {prefix}.lora_dropout in [0, 1)")
 
 
 @dataclass
@@ -68,14 +76,27 @@ class DataConfig:
     """Where the training rows come from, which keys hold what, and how they are tokenized."""
 
     train_path: str = opt(
-        "", "A .jsonl/.json/.parquet file, a directory of them, or 'hf:NAME' for a Hugging Face dataset."
+        "", "A .jsonl/.json/.parquet/.csv file, a directory of them, 'hf:NAME' for a Hugging Face dataset (needs "
+        "model.allow_hub) or 'hf:DIR' for a local one (save_to_disk or a dataset repository)."
     )
     train_split: str = opt("train", "Split name for Hugging Face datasets.")
-    eval_path: str = opt("", "Optional held-out data (same formats); empty = no evaluation.")
+    subset: str = opt("", "Subset (config) name of an hf:NAME dataset, e.g. 'default'; empty = the dataset's default.")
+    streaming: bool = opt(
+        False, "Stream an hf:NAME dataset instead of downloading and caching all of it (with max_samples: only the "
+        "first rows are read)."
+    )
+    eval_path: str = opt(
+        "", "Held-out data (same formats; prompt rows for ppo/rto), evaluated as the eval section says; empty = none."
+    )
     eval_split: str = opt("test", "Split name of the evaluation dataset.")
-    input_key: str = opt("prompt", "Key of the prompt text.")
-    output_key: str = opt("response", "Key of the response text (SFT prompt/response rows).")
+    input_key: str = opt("prompt", "Key of the prompt (text or a message list).")
+    output_key: str = opt("response", "Key of the response (text or assistant messages; SFT prompt/response rows).")
     messages_key: str = opt("messages", "Key of a chat message list (SFT); its last message is the target.")
+    completion_key: str = opt(
+        "completion", "Key of a TRL prompt-completion row's completion (text or assistant messages), used when "
+        "output_key is absent."
+    )
+    text_key: str = opt("text", "Key of a language-modeling row's text (SFT: loss on every token after BOS).")
     chosen_key: str = opt("chosen", "Key of the preferred response (text or message list).")
     rejected_key: str = opt("rejected", "Key of the dispreferred response (text or message list).")
     margin_key: str = opt("", "Key of a per-pair reward margin (reward model); empty = no margin.")
@@ -107,10 +128,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Device; auto = CUDA when available.")
     batch_size: int = opt(32, "Global batch: rows (or pairs) per optimizer step, over all processes.")
     micro_batch_size: int = opt(4, "Rows (or pairs) per forward pass on one process.")
-    epochs: int = opt(1, "Passes over the training data.")
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs * steps per epoch).")
+    epochs: int = opt(1, "Passes over the training data (ppo/rto: over the prompts, unless ppo.max_rollouts).")
+    max_steps: int = opt(
+        0, "Stop after this many optimizer steps (0 = epochs * steps per epoch; ppo/rto: use ppo.max_rollouts)."
+    )
     stop_after: int = opt(
-        0, "Return after N steps of this invocation with a checkpoint (time-limited jobs; 0 = run to the end)."
+        0, "Return after N steps (optimizer steps; rollouts in ppo/rto) of this invocation, after saving a "
+        "checkpoint (time-limited jobs; 0 = run to the end)."
     )
     lr: float = opt(1e-5, "Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate schedule.")
@@ -126,10 +150,22 @@ class TrainConfig:
         for name in ("batch_size", "micro_batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{prefix}.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{prefix}.adam_eps must be > 0, got {self.adam_eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"{prefix}.weight_decay and {prefix}.grad_clip must be >= 0 (grad_clip 0 = off)")
 
 
 @dataclass
@@ -143,26 +179,143 @@ class DeepSpeedConfig:
     config_file: str = opt("", "A DeepSpeed JSON file merged over the generated config (expert use).")
 
 
+# Keys that may differ from a checkpoint's config on resume when listed in checkpoint.allow_changes: the length
+# of the run (the LR schedule is re-stretched to the new total), memory knobs that leave the update unchanged up
+# to float rounding (micro-batch size, checkpointing, offload, generation/forward batching), and paths of moved
+# files (the model identity is still checked). Logging, checkpoint, eval and device settings may always change
+# (rto_llm/lifecycle.py FREE_ON_RESUME).
+RESUME_CHANGEABLE = (
+    "train.max_steps", "train.epochs", "ppo.max_rollouts",
+    "train.micro_batch_size", "model.gradient_checkpointing", "critic.gradient_checkpointing", "deepspeed.offload",
+    "kl.offload", "reward.offload", "rollout.generation_batch_size", "rollout.forward_batch_size",
+    "rollout.static_cache", "rollout.compile", "rollout.zero3_gather",
+    "model.path", "model.tokenizer_path", "data.train_path", "reward.path", "critic.path", "kl.ref_path",
+    "rto.dpo_path", "rto.dpo_ref_path", "dpo.ref_path",
+)
+
+
 @dataclass
 class CheckpointConfig:
     """Resumable checkpoints (atomic) and the final Hugging Face export."""
 
-    save_every: int = opt(0, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).")
-    keep_last: int = opt(2, "Number of resumable checkpoints kept (older ones are deleted).")
-    resume: str = opt("", "'latest' or a checkpoint directory to resume from; empty = fresh start.")
+    save_every: int = opt(
+        0, "Save a resumable checkpoint every N steps (optimizer steps; rollouts in ppo/rto); 0 = one at the end."
+    )
+    keep_last: int = opt(2, "Number of resumable checkpoints kept (older ones are deleted; 0 = keep all).")
+    resume: str = opt("", "'latest' or a checkpoint directory to resume from (--resume [DIR]); empty = fresh start.")
     export_hf: bool = opt(True, "Export the final model in Hugging Face format to output_dir/final.")
+    save_hf_every: int = opt(
+        0, "Also export a Hugging Face model (a LoRA run: its adapter) to output_dir/hf/step-XXXXXXXX every N "
+        "steps (optimizer steps; rollouts in ppo/rto); 0 = off."
+    )
+    overwrite: bool = opt(
+        False, "Fresh start in a non-empty train.output_dir (--overwrite): delete the previous run's checkpoints, "
+        "metrics and exports first (without it such a directory is refused)."
+    )
+    allow_changes: str = opt(
+        "", "Comma-separated keys allowed to differ from the checkpoint's config on resume "
+        "(--resume-allow-changes): " + ", ".join(RESUME_CHANGEABLE) + "."
+    )
+
+    def validate(self, prefix: str) -> None:
+        for name in ("save_every", "keep_last", "save_hf_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        bad = [k for k in (k.strip() for k in self.allow_changes.split(",")) if k and k not in RESUME_CHANGEABLE]
+        if bad:
+            raise ConfigError(
+                f"{prefix}.allow_changes: {', '.join(bad)} may not change on resume (only "
+                f"{', '.join(RESUME_CHANGEABLE)}; logging, checkpoint and eval settings may always change)"
+            )
 
 
 @dataclass
 class LogConfig:
     """Metrics: JSONL file always; TensorBoard by default; Weights & Biases optional."""
 
-    every: int = opt(1, "Log metrics every N optimizer steps.")
+    every: int = opt(1, "Log metrics every N steps (optimizer steps; rollouts in ppo/rto).")
     tensorboard: bool = opt(True, "Write TensorBoard event files to output_dir/tb.")
     wandb: bool = opt(False, "Log to Weights & Biases (needs the wandb package).")
     wandb_project: str = opt("rto-llm", "Weights & Biases project.")
     run_name: str = opt("", "Run name for the loggers; empty = stage name.")
     progress_bar: bool = opt(True, "Show a tqdm progress bar with live loss and throughput.")
+
+    def validate(self, prefix: str) -> None:
+        if self.every < 1:
+            raise ConfigError(f"{prefix}.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class StageEvalConfig:
+    """Evaluation on data.eval_path (SFT / RM / DPO): the stage's loss and metrics on the held-out rows."""
+
+    every: int = opt(0, "Evaluate every N optimizer steps (0 = only after the last step); needs data.eval_path.")
+    at_start: bool = opt(False, "Also evaluate the starting model (logged at step 0).")
+    batch_size: int = opt(0, "Rows per evaluation forward pass; 0 = train.micro_batch_size.")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("every", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig(StageEvalConfig):
+    """Evaluation of the policy on data.eval_path prompts (PPO / RTO; see rto_llm/evaluation.py): RM score,
+    KL, length, EOS, win rate against the reference, optional gold reward, sample completions."""
+
+    every: int = opt(0, "Evaluate every N rollouts and after the last one (0 = off, or only at the end when "
+                        "data.eval_path is set); needs data.eval_path.")
+    at_start: bool = opt(True, "Also evaluate the starting policy (step 0) when evaluation is on.")
+    batch_size: int = opt(0, "Prompts per generate call and rows per forward pass; 0 = rollout.generation_batch_size "
+                             "/ rollout.forward_batch_size.")
+    max_prompts: int = opt(256, "Use the first N prompts of data.eval_path (0 = all).")
+    num_samples: int = opt(4, "Sample completions logged per evaluation (samples.jsonl and TensorBoard text).")
+    temperature: float = opt(0.0, "Sampling temperature of the evaluation; 0 = rollout.temperature.")
+    win_rate: bool = opt(True, "Sample one reference response per prompt (once; cached) for the RM win rate.")
+    gold: str = opt("", "Gold reward: '' (none), 'module:function' or 'file.py:function' (f(prompts: list[str], "
+                        "responses: list[str]) -> list[float]), or 'task:DIR' (exact evaluation on a token task).")
+    gold_beta: float = opt(0.0, "KL coefficient of the exact task evaluation (eval.gold=task:DIR); 0 = the run's "
+                                "current beta2.")
+    seed: int = opt(0, "Seed of the evaluation's own random stream (every evaluation reuses the same draws).")
+    flag_window: int = opt(4, "Red flag 'RM up, gold down': fitted trends over the last N evaluations (>= 3).")
+    flag_z: float = opt(2.0, "Red flag 'RM up, gold down': both trends must exceed z standard errors.")
+    length_collapse_frac: float = opt(0.5, "Red flag 'length collapse': mean length below this fraction of the "
+                                           "first evaluation's.")
+    eos_first_max: float = opt(0.5, "Red flag 'length collapse': more than this fraction of responses are EOS at "
+                                    "the first token.")
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        for name in ("max_prompts", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature < 0 or self.gold_beta < 0:
+            raise ConfigError(f"{prefix}.temperature and {prefix}.gold_beta must be >= 0 (0 = the run's value)")
+        if self.flag_window < 3:
+            raise ConfigError(f"{prefix}.flag_window must be >= 3 (a trend needs three points), got {self.flag_window}")
+        if self.flag_z < 0:
+            raise ConfigError(f"{prefix}.flag_z must be >= 0, got {self.flag_z}")
+        if not 0.0 < self.length_collapse_frac < 1.0 or not 0.0 < self.eos_first_max <= 1.0:
+            raise ConfigError(f"{prefix}.length_collapse_frac must be in (0, 1) and {prefix}.eos_first_max in (0, 1]")
+        g = self.gold
+        if g and not g.startswith("task:") and (":" not in g or not g.rpartition(":")[0] or not g.rpartition(":")[2]):
+            raise ConfigError(f"{prefix}.gold={g!r}: expected 'module:function', 'path/to/file.py:function' or "
+                              "'task:DIR' (e.g. eval.gold=my_gold:score)")
+
+
+def check_eval_sections(cfg: Any) -> None:
+    """Cross-section checks of the ``eval`` section: evaluation needs data.eval_path; a gold reward needs
+    evaluation to be on. Nothing the user sets is ignored silently."""
+    ev, data = getattr(cfg, "eval", None), getattr(cfg, "data", None)
+    if ev is None or data is None:
+        return
+    if ev.every > 0 and not data.eval_path:
+        raise ConfigError(f"eval.every={ev.every} needs evaluation data: set data.eval_path (a file of held-out "
+                          "rows, prompt rows for ppo/rto), or eval.every=0 to train without evaluation")
+    if getattr(ev, "gold", "") and not (ev.every > 0 or data.eval_path):
+        raise ConfigError(f"eval.gold={ev.gold!r} is set but evaluation is off: set data.eval_path (and eval.every=N "
+                          "for evaluations during training)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,6 +368,7 @@ class SFTConfig:
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     log: LogConfig = section(LogConfig, "Logging.")
+    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     sft: SFTOptions = section(SFTOptions, "SFT loss.")
 
 
@@ -228,6 +382,7 @@ class RMConfig:
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     log: LogConfig = section(LogConfig, "Logging.")
+    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     rm: RMOptions = section(RMOptions, "Reward-model options.")
 
 
@@ -241,6 +396,7 @@ class DPOConfig:
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     log: LogConfig = section(LogConfig, "Logging.")
+    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     dpo: DPOOptions = section(DPOOptions, "DPO loss.")
 
 
@@ -281,13 +437,18 @@ def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
             except ValueError:
                 pass
     elif tp is float:
+        v = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            v = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
             try:
-                return float(value)
+                v = float(value)
             except ValueError:
                 pass
+        if v is not None:
+            if not math.isfinite(v):
+                raise ConfigError(f"{key}: {value!r} is not a finite number (NaN and inf are refused)")
+            return v
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -325,14 +486,50 @@ def validate(cfg: Any) -> None:
         sec = getattr(cfg, f.name)
         if hasattr(sec, "validate"):
             sec.validate(f.name)
+    check_eval_sections(cfg)
+    check_hub_data(cfg)
+
+
+def check_hub_data(cfg: Any) -> None:
+    """``hf:NAME`` data that is not a local directory downloads from the hub: only with ``model.allow_hub``."""
+    import os
+
+    model, data = getattr(cfg, "model", None), getattr(cfg, "data", None)
+    if model is None or data is None or model.allow_hub:
+        return
+    for key in ("train_path", "eval_path"):
+        path = getattr(data, key, "")
+        if path.startswith("hf:") and not os.path.isdir(path[3:]):
+            raise ConfigError(
+                f"data.{key}={path!r} downloads a Hugging Face dataset: set model.allow_hub=true (or use a local "
+                "file, or hf:DIR for a dataset saved with save_to_disk)"
+            )
+
+
+def read_yaml(path: str) -> Any:
+    """The YAML file ``path``; a missing file or a syntax error is a ConfigError naming the file and line."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"--config {path}: no such file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: YAML syntax error: {what} (fix the file; every value is `key: value` under "
+                          "its section)") from e
 
 
 def load_config(cls: type, yaml_path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
     """Build a stage config: defaults, then the YAML file, then ``key.sub=value`` overrides."""
     cfg = cls()
     if yaml_path:
-        with open(yaml_path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml(yaml_path)
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: the top level must be a mapping of sections")
         for k, v in data.items():

@@ -1,12 +1,33 @@
-"""Training data: read rows, map keys, apply the chat template, tokenize, truncate, collate.
+"""Training data: read rows, recognize their format, apply the chat template, tokenize, truncate, collate.
 
-Row formats (key names are configurable, see ``DataConfig``):
+Row formats: TRL's dataset types (https://huggingface.co/docs/trl/dataset_formats), *standard* (text) or
+*conversational* (lists of ``{"role", "content"}`` messages). Key names are options of ``DataConfig``
+(``input_key`` "prompt", ``output_key`` "response", ``completion_key`` "completion", ``messages_key``
+"messages", ``text_key`` "text", ``chosen_key`` "chosen", ``rejected_key`` "rejected", ``margin_key``):
 
-- prompt only (PPO):            ``{"prompt": str}`` or ``{"messages": [...]}`` (all messages = prompt)
-- prompt / response (SFT):      ``{"prompt": str, "response": str}``
-- chat messages (SFT):          ``{"messages": [{"role", "content"}, ...]}``; last message = response
-- preference pairs (RM / DPO):  ``{"prompt": str, "chosen": str, "rejected": str}`` or
-                                ``{"chosen": [messages], "rejected": [messages]}`` (shared prefix = prompt)
+==================  ==========================================  ==============================================
+type (stages)       standard                                    conversational
+==================  ==========================================  ==============================================
+language modeling   ``{"text": str}``                           ``{"messages": [...]}`` (last = assistant)
+(sft)
+prompt-completion   ``{"prompt": str, "completion": str}``,     ``{"prompt": [msgs], "completion": [assistant
+(sft)               ``{"prompt": str, "response": str}``        msgs]}``
+prompt-only         ``{"prompt": str}``                         ``{"prompt": [msgs]}``
+(ppo, rto)
+preference          ``{"prompt", "chosen", "rejected"}``;        ``{"prompt": [msgs], "chosen": [assistant msgs],
+(rm, dpo)           implicit prompt ``{"chosen", "rejected"}``  "rejected": [...]}``; implicit prompt
+                                                                ``{"chosen": [msgs], "rejected": [msgs]}``
+==================  ==========================================  ==============================================
+
+The prompt stages (ppo, rto) also take their prompts from prompt-completion, preference and conversational
+rows (a conversation without its final assistant message). A ``chosen`` list that starts with a non-assistant
+message is a whole conversation (its prefix is the prompt; a ``prompt`` key next to it is ignored).
+
+Formatting: conversational rows, and standard rows with an explicit prompt (one user turn, one assistant
+turn), go through the tokenizer's chat template when it has one (``data.apply_chat_template``), else their
+contents are joined with newlines. Standard language-modeling text and implicit-prompt text pairs are raw
+text (nothing to template): the tokenizer adds its BOS, and an implicit prompt is the longest common token
+prefix of chosen and rejected.
 
 Tokenization: prompt and response are tokenized separately, so the prompt/response boundary is exact.
 The response always ends with EOS (appended when the template does not put it there; anything after
@@ -15,12 +36,23 @@ the last EOS, e.g. a template newline, is dropped).
 Truncation never cuts a response: a prompt longer than ``max_prompt_len`` or too long to fit next to
 its response loses tokens on the *left*; a row whose response cannot fit next to one prompt token is
 dropped. Both are counted in :class:`DataStats` and logged.
+
+Reading (:func:`read_rows`): ``.jsonl`` is decoded line by line with the standard ``json`` module, so a bad
+line (not UTF-8, not JSON, not an object) is reported as ``file:line`` (``data.on_malformed=skip`` drops and
+counts it); ``.json`` (a list, or ``{"data": [...]}``) is parsed whole by ``json`` as well (pyarrow's JSON
+reader would turn date-like strings into timestamps). ``.parquet``, ``.csv`` and ``.arrow`` files go through
+``datasets.load_dataset(builder, data_files=...)`` (Arrow cache; pandas when ``datasets`` is missing);
+``hf:NAME`` through ``datasets.load_dataset(NAME, data.subset, split=..., streaming=data.streaming)`` (a hub
+download needs ``model.allow_hub``), ``hf:DIR`` from ``save_to_disk`` through ``load_from_disk``.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import functools
 import glob
+import itertools
 import json
 import logging
 import os
@@ -39,7 +71,7 @@ class DataError(ValueError):
 @dataclass
 class Row:
     data: dict
-    where: str  # "file:line" (JSONL), "file[row]" (JSON / Parquet) or "hf:name[row]"
+    where: str  # "file:line" (JSONL), "file[row]" (JSON / Parquet / CSV) or "hf:name[row]"
 
 
 @dataclass
@@ -67,64 +99,161 @@ class DataStats:
 # Reading files
 # ---------------------------------------------------------------------------------------------------
 
+_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
 
 def _files(path: str) -> list[str]:
     if os.path.isdir(path):
-        found = sorted(
-            p for ext in ("jsonl", "json", "parquet") for p in glob.glob(os.path.join(path, f"*.{ext}"))
-        )
+        found = sorted(p for p in glob.glob(os.path.join(path, "*")) if p.endswith(_EXTENSIONS))
         if not found:
-            raise DataError(f"{path}: directory holds no .jsonl/.json/.parquet files")
+            raise DataError(f"{path}: directory holds no .jsonl/.json/.parquet/.csv/.arrow files")
         return found
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file (for a Hugging Face dataset write 'hf:NAME')")
+    if not path.endswith(_EXTENSIONS):
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, .csv or .arrow)")
     return [path]
 
 
-def read_rows(path: str, split: str = "train", on_malformed: str = "error", stats: DataStats | None = None):
-    """Read raw rows from local files or ``hf:NAME`` (Hugging Face ``datasets``, imported lazily)."""
-    stats = stats if stats is not None else DataStats()
-    rows: list[Row] = []
-    if path.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise DataError("hf: datasets need the 'datasets' package: pip install datasets") from e
-        name = path[3:]
-        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name, split=split)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        return [Row(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
-    for fname in _files(path):
-        if fname.endswith(".jsonl"):
-            with open(fname) as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                        if not isinstance(obj, dict):
-                            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                    except ValueError as e:
-                        _malformed(f"{fname}:{lineno}", f"invalid JSON ({e})", on_malformed, stats)
-                        continue
-                    rows.append(Row(obj, f"{fname}:{lineno}"))
-        elif fname.endswith(".json"):
-            with open(fname) as f:
-                obj = json.load(f)
-            if isinstance(obj, dict) and "data" in obj:
-                obj = obj["data"]
-            if not isinstance(obj, list):
-                raise DataError(f"{fname}: expected a JSON list of objects (or {{'data': [...]}})")
-            rows += [Row(r, f"{fname}[{i}]") for i, r in enumerate(obj)]
-        elif fname.endswith(".parquet"):
-            import pandas as pd
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
 
-            df = pd.read_parquet(fname)
-            rows += [Row(r, f"{fname}[{i}]") for i, r in enumerate(df.to_dict(orient="records"))]
+
+def _import_datasets(required: bool):
+    """The ``datasets`` package with its progress bars off; None (or a DataError when ``required``) if absent."""
+    try:
+        import datasets
+    except ImportError as e:
+        if required:
+            raise DataError("hf: datasets need the 'datasets' package: pip install datasets") from e
+        return None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def read_rows(path: str, split: str = "train", on_malformed: str = "error", stats: DataStats | None = None, *,
+              subset: str = "", streaming: bool = False, allow_hub: bool = True, limit: int = 0) -> list[Row]:
+    """Raw rows of local files (a file or a directory of them) or of ``hf:NAME`` / ``hf:DIR``.
+
+    Args:
+        split, subset, streaming: split, subset (config) name and streaming of ``hf:`` datasets.
+        on_malformed: ``error`` raises on an undecodable JSONL line, ``skip`` drops and counts it in ``stats``.
+        allow_hub: False refuses ``hf:NAME`` that is not a local directory (a download). The stage configs
+            refuse it at load time unless ``model.allow_hub`` (``config.check_hub_data``).
+        limit: stop after this many rows (0 = all): with streaming, only those are read.
+    """
+    stats = stats if stats is not None else DataStats()
+    if path.startswith("hf:"):
+        return _read_hf(path, split, subset, streaming, allow_hub, limit)
+    rows: list[Row] = []
+    for fname in _files(path):
+        if limit and len(rows) >= limit:
+            break
+        if fname.endswith(".jsonl"):
+            rows += _read_jsonl(fname, on_malformed, stats)
+        elif fname.endswith(".json"):
+            rows += _read_json(fname)
         else:
-            raise DataError(f"{fname}: unsupported file type (use .jsonl, .json or .parquet)")
+            rows += _read_table(fname, streaming)
+    return rows[:limit] if limit else rows
+
+
+def _read_jsonl(fname: str, on_malformed: str, stats: DataStats) -> list[Row]:
+    """One JSON object per line, decoded line by line (UTF-8, a BOM on line 1 allowed; blank lines skipped)."""
+    rows = []
+    with open(fname, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
+                continue
+            where = f"{fname}:{lineno}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                _malformed(where, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                           on_malformed, stats)
+                continue
+            except ValueError as e:
+                _malformed(where, f"invalid JSON ({e})", on_malformed, stats)
+                continue
+            if not isinstance(obj, dict):
+                _malformed(where, f"invalid JSON row: expected an object, got {type(obj).__name__}", on_malformed,
+                           stats)
+                continue
+            rows.append(Row(obj, where))
     return rows
+
+
+def _read_json(fname: str) -> list[Row]:
+    """A JSON list of objects, or ``{"data": [...]}``; parsed as a whole (a syntax error names line:column)."""
+    try:
+        with open(fname, encoding="utf-8-sig") as f:
+            obj = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{fname}: not valid UTF-8 ({e.reason} at byte {e.start}); a .json file is read whole, "
+                        "so data.on_malformed=skip cannot drop part of it (use .jsonl)") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{fname}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a .json file is read whole, so "
+                        "data.on_malformed=skip cannot drop part of it (use .jsonl)") from e
+    if isinstance(obj, dict) and "data" in obj:
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{fname}: expected a JSON list of objects (or {{'data': [...]}})")
+    return [Row(r, f"{fname}[{i}]") for i, r in enumerate(obj)]
+
+
+def _read_table(fname: str, streaming: bool) -> list[Row]:
+    """Parquet / CSV / Arrow through ``datasets.load_dataset(builder, data_files=...)`` (cached)."""
+    ext = os.path.splitext(fname)[1]
+    datasets = _import_datasets(required=False)
+    try:
+        if datasets is not None:
+            kw = {}
+            if ext == ".csv":  # CSV cells are text: no type inference ("2" stays "2"), empty cells are ""
+                with open(fname, newline="", encoding="utf-8-sig") as f:
+                    header = next(csv.reader(f), [])
+                kw = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                      "keep_default_na": False}
+            ds = datasets.load_dataset(_BUILDERS[ext], data_files=fname, split="train", streaming=streaming, **kw)
+            return [Row(dict(r), f"{fname}[{i}]") for i, r in enumerate(ds)]
+        import pandas as pd
+
+        if ext == ".arrow":
+            raise DataError(f"{fname}: .arrow files need the 'datasets' package: pip install datasets")
+        df = pd.read_parquet(fname) if ext == ".parquet" else pd.read_csv(fname, dtype=str, keep_default_na=False)
+        return [Row(r, f"{fname}[{i}]") for i, r in enumerate(df.to_dict(orient="records"))]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any reader failure becomes one line naming the file
+        raise DataError(f"{fname}: cannot read it ({_one_line(e)})") from e
+
+
+def _read_hf(path: str, split: str, subset: str, streaming: bool, allow_hub: bool, limit: int) -> list[Row]:
+    datasets = _import_datasets(required=True)
+    name = path[3:]
+    local = os.path.isdir(name)
+    if not local and not allow_hub:
+        raise DataError(f"{path}: downloading a Hugging Face dataset needs model.allow_hub=true (or use a local "
+                        "file, or hf:DIR for a dataset saved with save_to_disk)")
+    try:
+        if local and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} (splits: {sorted(ds)}); set data.train_split / "
+                                    "data.eval_split")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, subset or None, split=split, streaming=streaming)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- unknown subset / split / name: one line with the options
+        raise DataError(f"{path} (data.subset={subset!r}, split {split!r}): {_one_line(e)}") from e
+    it = itertools.islice(ds, limit) if limit else ds
+    return [Row(dict(r), f"{path}[{i}]") for i, r in enumerate(it)]
 
 
 def _malformed(where: str, reason: str, on_malformed: str, stats: DataStats) -> None:
@@ -136,31 +265,81 @@ def _malformed(where: str, reason: str, on_malformed: str, stats: DataStats) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rows -> (prompt text, response text)
+# Rows -> token ids: keys and values
 # ---------------------------------------------------------------------------------------------------
+
+# Key names that often hold a field under another name: suggested in the error of a row without the keys.
+_ALIASES = {
+    "input_key": ("instruction", "question", "query", "input", "problem", "context", "user"),
+    "output_key": ("output", "answer", "solution", "target", "assistant", "reply"),
+    "messages_key": ("conversations", "conversation", "chat", "dialog", "dialogue", "turns"),
+    "chosen_key": ("chosen_response", "response_chosen", "preferred", "better", "winner"),
+    "rejected_key": ("rejected_response", "response_rejected", "dispreferred", "worse", "loser"),
+    "text_key": ("content", "document", "body"),
+}
+
+
+def _plain(v: Any) -> Any:
+    return v.tolist() if hasattr(v, "tolist") else v  # numpy arrays from parquet / pandas
+
+
+def _has(d: dict, key: str) -> bool:
+    """The row holds a value under ``key`` (a None from a dataset's unified schema counts as absent)."""
+    return bool(key) and d.get(key) is not None
+
+
+def _keys(d: dict) -> list[str]:
+    return sorted(k for k, v in d.items() if v is not None)
+
+
+def _hint(d: dict, fields: tuple[str, ...]) -> str:
+    found = [f"data.{f}={k}" for f in fields for k in _ALIASES.get(f, ()) if _has(d, k)]
+    if found:
+        return f"; set {' or '.join(found)} if that key holds it"
+    return "; name your keys with " + ", ".join(f"data.{f}" for f in fields)
 
 
 def _text(row: dict, key: str) -> str:
     if key not in row:
-        raise ValueError(f"missing key {key!r} (row keys: {sorted(row)})")
+        raise ValueError(f"missing key {key!r} (row keys: {_keys(row)})")
     v = row[key]
     if not isinstance(v, str):
         raise ValueError(f"key {key!r} must be a string, got {type(v).__name__}")
     return v
 
 
-def _messages(row: dict, key: str) -> list[dict]:
-    if key not in row:
-        raise ValueError(f"missing key {key!r} (row keys: {sorted(row)})")
-    msgs = row[key]
-    if hasattr(msgs, "tolist"):  # numpy arrays from parquet
-        msgs = msgs.tolist()
+def _message_list(msgs: Any, key: str) -> list[dict]:
+    msgs = _plain(msgs)
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError(f"key {key!r} must be a non-empty list of messages")
+        raise ValueError(f"key {key!r} must be a non-empty list of messages, got {type(msgs).__name__}")
     for m in msgs:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"key {key!r}: every message needs string 'role' and 'content', got {m!r}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _messages(row: dict, key: str) -> list[dict]:
+    if key not in row:
+        raise ValueError(f"missing key {key!r} (row keys: {_keys(row)})")
+    return _message_list(row[key], key)
+
+
+def _turns(v: Any, key: str, role: str) -> list[dict]:
+    """A prompt or a response as messages: text becomes one ``role`` message, a list is checked messages."""
+    v = _plain(v)
+    if isinstance(v, str):
+        return [{"role": role, "content": v}]
+    if isinstance(v, list):
+        return _message_list(v, key)
+    raise ValueError(f"key {key!r} must be a string or a list of messages, got {type(v).__name__}")
+
+
+def _end_with_eos(ids: list[int], eos: int) -> list[int]:
+    """Keep ``ids`` through their last EOS (dropping template whitespace after it), or append EOS."""
+    if eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        return ids[: last + 1]
+    return ids + [eos]
 
 
 class Formatter:
@@ -171,21 +350,35 @@ class Formatter:
         self.chat = bool(apply_chat_template and getattr(tokenizer, "chat_template", None))
 
     def prompt(self, messages: list[dict]) -> str:
+        if not messages:
+            raise ValueError("the prompt has no messages")
         if self.chat:
             return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n".join(m["content"] for m in messages)
 
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return list(self.tok(self.prompt(messages), add_special_tokens=not self.chat)["input_ids"])
+
+    def split(self, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
+        """(prompt text, response text) of a conversation ``prompt + response`` whose response messages end
+        with the assistant's."""
+        if not response:
+            raise ValueError("the response has no messages")
+        if response[-1]["role"] != "assistant":
+            raise ValueError(f"the last message must have role 'assistant', got {response[-1]['role']!r}")
+        if not prompt:
+            raise ValueError("the conversation has no message before the assistant's response (no prompt)")
+        prompt_text = self.prompt(prompt)
+        if not self.chat:
+            return prompt_text, "\n".join(m["content"] for m in response)
+        full = self.tok.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        return prompt_text, full[len(prompt_text) :]
+
     def pair(self, messages: list[dict]) -> tuple[str, str]:
         """(prompt text, response text) for messages whose last one is the assistant response."""
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"the last message must have role 'assistant', got {messages[-1]['role']!r}")
-        prompt = self.prompt(messages[:-1])
-        if not self.chat:
-            return prompt, messages[-1]["content"]
-        full = self.tok.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        return prompt, full[len(prompt) :]
+        return self.split(messages[:-1], messages[-1:])
 
 
 def _tokenize_pair(fmt: Formatter, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -193,13 +386,117 @@ def _tokenize_pair(fmt: Formatter, prompt: str, response: str) -> tuple[list[int
     # A rendered chat template already carries its special tokens; plain text gets BOS from the tokenizer.
     p_ids = tok(prompt, add_special_tokens=not fmt.chat)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
+    return list(p_ids), _end_with_eos(list(r_ids), tok.eos_token_id)
+
+
+def _text_ids(tok, text: str) -> list[int]:
+    """Raw text with the tokenizer's own special tokens (BOS when it adds one)."""
+    return list(tok(text, add_special_tokens=True)["input_ids"])
+
+
+def _implicit_pair(tok, chosen: str, rejected: str, ck: str, rk: str, ik: str):
+    """Implicit-prompt text pair: the prompt is the longest common token prefix of chosen and rejected."""
+    c, r = _text_ids(tok, chosen), _text_ids(tok, rejected)
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    if k == 0:
+        raise ValueError(f"implicit prompt: {ck!r} and {rk!r} share no leading tokens to use as the prompt; "
+                         f"give the prompt under data.input_key ({ik!r})")
+    if k == len(c) or k == len(r):
+        raise ValueError(f"implicit prompt: one of {ck!r} / {rk!r} is a prefix of the other, so it has no response "
+                         f"tokens; give the prompt under data.input_key ({ik!r})")
     eos = tok.eos_token_id
-    if eos in r_ids:
-        last = len(r_ids) - 1 - r_ids[::-1].index(eos)
-        r_ids = r_ids[: last + 1]  # drop template whitespace after the final EOS
+    return c[:k], _end_with_eos(c[k:], eos), r[:k], _end_with_eos(r[k:], eos)
+
+
+def _is_conversation(msgs: list[dict]) -> bool:
+    """A message list that carries its own prompt (starts with a non-assistant message)."""
+    return msgs[0]["role"] != "assistant"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows -> token ids per stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sft_ids(d: dict, fmt: Formatter, cfg) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of an SFT row: prompt-completion, conversational or language modeling."""
+    ik, ok, ck, mk, tk = cfg.input_key, cfg.output_key, cfg.completion_key, cfg.messages_key, cfg.text_key
+    resp = next((k for k in (ok, ck) if _has(d, k)), None) or next((k for k in (ok, ck) if k and k in d), None)
+    if _has(d, ik) and resp:
+        return _tokenize_pair(fmt, *fmt.split(_turns(d[ik], ik, "user"), _turns(d[resp], resp, "assistant")))
+    if _has(d, mk):
+        return _tokenize_pair(fmt, *fmt.pair(_messages(d, mk)))
+    if _has(d, tk):
+        ids = _text_ids(fmt.tok, _text(d, tk))
+        if len(ids) < 2:
+            raise ValueError(f"key {tk!r}: the text has {len(ids)} token(s); one is the context, at least one more "
+                             "is needed")
+        return ids[:1], _end_with_eos(ids[1:], fmt.tok.eos_token_id)
+    raise ValueError(
+        f"needs {ik!r}+{ok!r} or {mk!r} (data.input_key, data.output_key, data.messages_key), {ik!r}+{ck!r} "
+        f"(data.completion_key) or {tk!r} (data.text_key); row keys: {_keys(d)}"
+        + (f"; a preference row ({cfg.chosen_key!r}/{cfg.rejected_key!r}) is for rm / dpo, or set "
+           f"data.output_key={cfg.chosen_key} to fine-tune on the chosen responses"
+           if _has(d, cfg.chosen_key) and _has(d, cfg.rejected_key) else
+           _hint(d, ("input_key", "output_key", "messages_key", "text_key")))
+    )
+
+
+def _preference_ids(d: dict, fmt: Formatter, cfg):
+    """(chosen prompt, chosen response, rejected prompt, rejected response) ids of a preference row."""
+    ik, ck, rk = cfg.input_key, cfg.chosen_key, cfg.rejected_key
+    if ck not in d or rk not in d:
+        unpaired = "; unpaired preference rows (prompt/completion/label) are not supported" if "label" in d else ""
+        raise ValueError(
+            f"needs {ck!r} and {rk!r} (data.chosen_key, data.rejected_key), the prompt under {ik!r} "
+            f"(data.input_key) or inside them; row keys: {_keys(d)}"
+            + _hint(d, ("chosen_key", "rejected_key", "input_key")) + unpaired
+        )
+    chosen, rejected = _plain(d[ck]), _plain(d[rk])
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not _has(d, ik):
+            return _implicit_pair(fmt.tok, chosen, rejected, ck, rk, ik)
+        prompt = _turns(d[ik], ik, "user")
+        pairs = (fmt.split(prompt, _turns(chosen, ck, "assistant")),
+                 fmt.split(prompt, _turns(rejected, rk, "assistant")))
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        cm, rm = _message_list(chosen, ck), _message_list(rejected, rk)
+        if _has(d, ik) and not _is_conversation(cm):
+            prompt = _turns(d[ik], ik, "user")
+            pairs = (fmt.split(prompt, cm), fmt.split(prompt, rm))
+        else:  # implicit prompt: each conversation's messages before its last are the prompt
+            pairs = (fmt.pair(cm), fmt.pair(rm))
     else:
-        r_ids = r_ids + [eos]
-    return list(p_ids), list(r_ids)
+        raise ValueError(f"keys {ck!r} and {rk!r} must both be text or both be message lists, got "
+                         f"{type(chosen).__name__} and {type(rejected).__name__}")
+    (pc, rc), (pr, rr) = pairs
+    return (*_tokenize_pair(fmt, pc, rc), *_tokenize_pair(fmt, pr, rr))
+
+
+def _prompt_row_ids(d: dict, fmt: Formatter, cfg) -> list[int]:
+    """Prompt ids of any row that has a prompt (prompt-only, prompt-completion, conversational, preference)."""
+    ik, mk, ck, rk, tk = cfg.input_key, cfg.messages_key, cfg.chosen_key, cfg.rejected_key, cfg.text_key
+    if _has(d, ik):
+        return fmt.prompt_ids(_turns(d[ik], ik, "user"))
+    if _has(d, mk):
+        msgs = _messages(d, mk)
+        if msgs[-1]["role"] == "assistant":  # a conversation used as a prompt source: drop its answer
+            msgs = msgs[:-1]
+        if not msgs:
+            raise ValueError(f"key {mk!r}: the conversation has no message before the assistant's (no prompt)")
+        return fmt.prompt_ids(msgs)
+    if _has(d, ck) and _has(d, rk):
+        chosen = _plain(d[ck])
+        if isinstance(chosen, list):
+            return fmt.prompt_ids(_message_list(chosen, ck)[:-1])
+        return _implicit_pair(fmt.tok, _text(d, ck), _text(d, rk), ck, rk, ik)[0]
+    if _has(d, tk):
+        raise ValueError(f"a language-modeling row ({tk!r}) has no prompt: set data.input_key={tk} to use the whole "
+                         "text as the prompt")
+    raise ValueError(f"needs a prompt: {ik!r} (data.input_key) or {mk!r} (data.messages_key); row keys: {_keys(d)}"
+                     + _hint(d, ("input_key", "messages_key")))
 
 
 def _fit(prompt: list[int], resp_len: int, max_len: int, max_prompt_len: int):
@@ -220,6 +517,8 @@ def _parsed_rows(rows: list[Row], cfg, stats: DataStats, parse):
     for row in rows[: cfg.max_samples or None]:
         stats.rows += 1
         try:
+            if not isinstance(row.data, dict):
+                raise ValueError(f"expected an object (key -> value), got {type(row.data).__name__}")
             parsed = parse(row.data)
         except ValueError as e:
             _malformed(row.where, str(e), cfg.on_malformed, stats)
@@ -231,18 +530,8 @@ def build_sft_examples(rows: list[Row], tokenizer, cfg, stats: DataStats | None 
     """SFT examples ``{"input_ids": prompt + response, "prompt_len": int}``."""
     stats = stats if stats is not None else DataStats()
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
-
-    def parse(d: dict) -> tuple[str, str]:
-        if cfg.output_key in d:
-            return fmt.pair([{"role": "user", "content": _text(d, cfg.input_key)},
-                             {"role": "assistant", "content": _text(d, cfg.output_key)}])
-        if cfg.messages_key in d:
-            return fmt.pair(_messages(d, cfg.messages_key))
-        raise ValueError(f"needs {cfg.input_key!r}+{cfg.output_key!r} or {cfg.messages_key!r} (row keys: {sorted(d)})")
-
     out = []
-    for row, (prompt, response) in _parsed_rows(rows, cfg, stats, parse):
-        p_ids, r_ids = _tokenize_pair(fmt, prompt, response)
+    for row, (p_ids, r_ids) in _parsed_rows(rows, cfg, stats, lambda d: _sft_ids(d, fmt, cfg)):
         p_ids, truncated = _fit(p_ids, len(r_ids), cfg.max_len, cfg.max_prompt_len)
         if p_ids is None:
             stats.dropped_response_too_long += 1
@@ -260,26 +549,20 @@ def build_preference_examples(rows: list[Row], tokenizer, cfg, stats: DataStats 
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
 
     def parse(d: dict):
-        if cfg.chosen_key not in d or cfg.rejected_key not in d:
-            raise ValueError(f"needs keys {cfg.chosen_key!r} and {cfg.rejected_key!r} (row keys: {sorted(d)})")
-        if isinstance(d[cfg.chosen_key], str):
-            user = [{"role": "user", "content": _text(d, cfg.input_key)}]
-            pc, rc = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.chosen_key)}])
-            pr, rr = fmt.pair(user + [{"role": "assistant", "content": _text(d, cfg.rejected_key)}])
-        else:
-            pc, rc = fmt.pair(_messages(d, cfg.chosen_key))
-            pr, rr = fmt.pair(_messages(d, cfg.rejected_key))
+        ids = _preference_ids(d, fmt, cfg)
         margin = 0.0
         if cfg.margin_key:
-            if not isinstance(d.get(cfg.margin_key), (int, float)):
-                raise ValueError(f"margin key {cfg.margin_key!r} must hold a number")
-            margin = float(d[cfg.margin_key])
-        return pc, rc, pr, rr, margin
+            v = d.get(cfg.margin_key)
+            try:  # a number, or a numeric string (CSV cells are text)
+                margin = float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else None
+            except ValueError:
+                margin = None
+            if margin is None:
+                raise ValueError(f"margin key {cfg.margin_key!r} must hold a number (row keys: {_keys(d)})")
+        return (*ids, margin)
 
     out = []
-    for row, (pc, rc, pr, rr, margin) in _parsed_rows(rows, cfg, stats, parse):
-        pc_ids, rc_ids = _tokenize_pair(fmt, pc, rc)
-        pr_ids, rr_ids = _tokenize_pair(fmt, pr, rr)
+    for row, (pc_ids, rc_ids, pr_ids, rr_ids, margin) in _parsed_rows(rows, cfg, stats, parse):
         if pc_ids == pr_ids:  # shared prompt: truncate it once so both sides keep the same context
             pc_ids, t1 = _fit(pc_ids, max(len(rc_ids), len(rr_ids)), cfg.max_len, cfg.max_prompt_len)
             pr_ids, t2 = pc_ids, False
@@ -309,15 +592,8 @@ def build_prompt_examples(rows: list[Row], tokenizer, cfg, stats: DataStats | No
     """Prompt-only examples ``{"prompt_ids": [...]}`` (for generation), left-truncated to max_prompt_len."""
     stats = stats if stats is not None else DataStats()
     fmt = Formatter(tokenizer, cfg.apply_chat_template)
-
-    def parse(d: dict) -> list[dict]:
-        if cfg.input_key in d:
-            return [{"role": "user", "content": _text(d, cfg.input_key)}]
-        return _messages(d, cfg.messages_key)
-
     out = []
-    for _, msgs in _parsed_rows(rows, cfg, stats, parse):
-        ids = fmt.tok(fmt.prompt(msgs), add_special_tokens=not fmt.chat)["input_ids"]
+    for _, ids in _parsed_rows(rows, cfg, stats, lambda d: _prompt_row_ids(d, fmt, cfg)):
         if len(ids) > cfg.max_prompt_len:
             stats.prompt_truncated += 1
             ids = ids[len(ids) - cfg.max_prompt_len :]
@@ -326,10 +602,14 @@ def build_prompt_examples(rows: list[Row], tokenizer, cfg, stats: DataStats | No
     return out, stats
 
 
-def load_examples(kind: str, path: str, split: str, tokenizer, cfg) -> tuple[list[dict], DataStats]:
-    """Read ``path`` and build examples of ``kind`` in {"sft", "preference", "prompt"}; logs the counts."""
+def load_examples(kind: str, path: str, split: str, tokenizer, cfg, allow_hub: bool = True
+                  ) -> tuple[list[dict], DataStats]:
+    """Read ``path`` and build examples of ``kind`` in {"sft", "preference", "prompt"}; logs the counts.
+    ``allow_hub=False`` refuses an ``hf:NAME`` download (the stage configs already refuse it without
+    ``model.allow_hub``)."""
     stats = DataStats()
-    rows = read_rows(path, split, cfg.on_malformed, stats)
+    rows = read_rows(path, split, cfg.on_malformed, stats, subset=getattr(cfg, "subset", ""),
+                     streaming=getattr(cfg, "streaming", False), allow_hub=allow_hub, limit=cfg.max_samples)
     builder = {"sft": build_sft_examples, "preference": build_preference_examples, "prompt": build_prompt_examples}
     examples, stats = builder[kind](rows, tokenizer, cfg, stats)
     problems = stats.malformed_skipped or stats.prompt_truncated or stats.dropped_response_too_long

@@ -29,13 +29,16 @@ class MetricsLogger:
         if not is_main:
             return
         os.makedirs(output_dir, exist_ok=True)
-        # Resumed runs append; the step field tells entries apart.
+        # Resumed runs append (rto_llm.lifecycle.resume_run first cut the file back to the checkpoint's step).
         self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
         if lcfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+                # TensorBoard files are append-only: on resume, purge_step hides the events logged after the
+                # checkpoint (steps > initial_step) from TensorBoard, so no step appears twice there either
+                self.tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=initial_step + 1 if initial_step
+                                        else None)
             except ImportError:
                 log.warning("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard)")
         if lcfg.wandb:

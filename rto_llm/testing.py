@@ -68,6 +68,34 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = (), pad_token: str = "<p
     return fast
 
 
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|reserved_special_token_0|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_llama3_style_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A word-level tokenizer shaped like Llama-3-Instruct's: ``<|begin_of_text|>`` BOS, ``<|eot_id|>`` EOS,
+    header tokens and a Llama-3-like chat template, and **no PAD** (as shipped by Meta; SmolLM2 likewise has no
+    PAD distinct from EOS). ``model.pad_token=auto`` adds one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["system", "user", "assistant", "<unk>"] + DIGITS + WORDS + list(extra_words)
+    vocab = {tok: i for i, tok in enumerate(words + LLAMA3_SPECIAL)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    others = [t for t in LLAMA3_SPECIAL if t not in ("<|begin_of_text|>", "<|eot_id|>")]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   unk_token="<unk>", additional_special_tokens=others)
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.add_bos_token = True
+    return fast
+
+
 def build_tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **overrides):
     """A randomly initialized tiny ``LlamaForCausalLM`` matching ``tokenizer``'s special tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,9 +142,11 @@ def save_model_dir(path: str, model, tokenizer) -> str:
     return path
 
 
-def save_tiny_model(path: str, seed: int = 0, **overrides) -> str:
-    """Write a tiny Llama and its tokenizer to ``path`` (a model directory); returns ``path``."""
-    tok = build_tiny_tokenizer()
+def save_tiny_model(path: str, seed: int = 0, llama3_style: bool = False, **overrides) -> str:
+    """Write a tiny Llama and its tokenizer to ``path`` (a model directory); returns ``path``. With
+    ``llama3_style`` the tokenizer is :func:`build_llama3_style_tokenizer` (no PAD) and the config has no
+    ``pad_token_id``, like Meta's Llama-3 checkpoints."""
+    tok = build_llama3_style_tokenizer() if llama3_style else build_tiny_tokenizer()
     return save_model_dir(path, build_tiny_llama(tok, seed=seed, **overrides), tok)
 
 
@@ -228,14 +258,16 @@ def build_preferring_lm(base, target_id: int, steps: int = 30, lr: float = 1e-2,
 
 
 def write_ppo_fixture(root: str, hidden_size: int = 32, n_prompts: int = 64, seed: int = 0,
-                      dpo: str = "none") -> dict[str, str]:
+                      dpo: str = "none", llama3_style: bool = False) -> dict[str, str]:
     """Write ``actor`` (tiny Llama + tokenizer), ``rm`` (token-counting RM), optional ``dpo`` (full model)
     or ``dpo_adapter`` (LoRA adapter over ``actor``), and ``prompts.jsonl`` under ``root``.
 
     Args:
         dpo: "none", "full", "adapter" or "both".
+        llama3_style: every role with :func:`build_llama3_style_tokenizer` (no PAD: the trainer adds one and
+            resizes every role) instead of the tiny tokenizer.
     """
-    tok = build_tiny_tokenizer()
+    tok = build_llama3_style_tokenizer() if llama3_style else build_tiny_tokenizer()
     target = tok.convert_tokens_to_ids(TARGET_WORD)
     paths = {"root": root, "target_id": str(target)}
     actor = build_tiny_llama(tok, hidden_size=hidden_size, seed=seed)

@@ -25,6 +25,7 @@ from rto_llm.config import (
     ConfigError,
     DataConfig,
     DeepSpeedConfig,
+    EvalConfig,
     LogConfig,
     ModelConfig,
     TrainConfig,
@@ -46,6 +47,18 @@ class RolloutOptions:
     top_k: int = opt(0, "Must be 0 (off): top-k sampling would make ratios and KL describe another policy.")
     repetition_penalty: float = opt(1.0, "Must be 1.0: a penalty changes the sampling distribution.")
     min_new_tokens: int = opt(0, "Must be 0: forbidding EOS changes the sampling distribution.")
+    static_cache: bool = opt(
+        False, "Preallocated KV cache (transformers' StaticCache) instead of a growing one; same samples. Falls "
+        "back to the dynamic cache (one log line) where the model or transformers does not support it."
+    )
+    compile: bool = opt(
+        False, "CUDA-graph decoding: torch.compile(mode='reduce-overhead') over the static cache (implies "
+        "static_cache; same samples). CUDA only: elsewhere one log line and eager decoding."
+    )
+    zero3_gather: Literal["rollout", "step"] = opt(
+        "rollout", "ZeRO-3 generation: rollout = gather the actor's parameters once per rollout (one full copy "
+        "of the actor per GPU while generating); step = gather layer by layer at every decoding step (slow)."
+    )
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "generation_batch_size", "forward_batch_size", "max_new_tokens"):
@@ -235,6 +248,7 @@ class PPOConfig:
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO (actor and critic).")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints (save_every counts rollouts).")
     log: LogConfig = section(LogConfig, "Logging (one row per rollout).")
+    eval: EvalConfig = section(EvalConfig, "Evaluation on data.eval_path prompts (every N rollouts, at the end).")
 
 
 def _rto_options() -> RTOOptions:

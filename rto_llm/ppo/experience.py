@@ -23,6 +23,8 @@ Forward convention (one helper, :func:`response_logits`, for every causal-LM rol
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,7 @@ from rto_sim.core import (
 )
 
 Tensor = torch.Tensor
+log = logging.getLogger("rto_llm")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,6 +204,8 @@ def sample_responses(
     eos_id: int,
     max_new_tokens: int,
     temperature: float = 1.0,
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pure sampling from ``softmax(logits / T)`` with a KV cache (no top-k/top-p, no penalties).
 
@@ -209,11 +214,20 @@ def sample_responses(
     silently change the sampling distribution (docs/practice.md invariant 4).
 
     Args:
-        model: a causal LM (eval mode; dropout off).
+        model: a causal LM (eval mode; dropout off), or a peft model wrapping one.
         prompts: token ids per prompt (unpadded).
         pad_id, eos_id: distinct ids; finished rows are fed PAD with attention 0.
         max_new_tokens: response budget.
         temperature: T > 0.
+        static_cache: preallocate the KV cache (transformers' ``StaticCache``, fixed shapes) instead of
+            growing it every step (``DynamicCache``); falls back to the dynamic cache, with one log line,
+            where the model or the installed transformers does not support it.
+        compile: decode steps through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over the
+            static cache (implies ``static_cache``); CUDA only (one log line and eager decoding elsewhere).
+
+    Every option samples the same distribution with the same random numbers: one ``torch.multinomial``
+    draw per step over all rows, outside any compiled region, so the tokens and log-probs equal those
+    of a forward pass over the whole sequence at every step (pinned by tests against such a reference).
 
     Returns:
         ``(prompt_ids (B, P) left-padded, prompt_mask (B, P), responses (B, R), sample_logprobs (B, R))``
@@ -223,34 +237,188 @@ def sample_responses(
     device = next(model.parameters()).device
     ids, mask = pad_sequences(prompts, pad_id, left=True)
     ids, mask = ids.to(device), mask.to(device)
-    B = ids.shape[0]
-    full_mask = mask
+    B, P = ids.shape
+    decoder = KVDecoder(model, B, P + max_new_tokens, static_cache or compile, compile)
+    # The attention mask of the whole sequence, allocated once: column P + t becomes 1 when row b chose
+    # token t while still alive (0 after its EOS). Dynamic cache: the first P + t columns are passed;
+    # static cache: all ``decoder.max_len`` of them (fixed shape; later columns are hidden by causality).
+    full_mask = torch.cat([mask, mask.new_zeros(B, decoder.max_len - P)], dim=1)
     step_ids, step_pos = ids, position_ids_from_mask(mask)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    sync = dist.is_initialized() and dist.get_world_size() > 1
     tokens, logps = [], []
-    past = None
-    for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids, attention_mask=full_mask, position_ids=step_pos, past_key_values=past, use_cache=True
-        )
-        past = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+    for t in range(max_new_tokens):
+        logits = decoder(step_ids, full_mask, step_pos, P + t - step_ids.shape[1])  # (B, V) at position P+t-1
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
         tok = torch.multinomial(logp.exp(), 1).squeeze(-1)  # (B,) pure sampling, global torch RNG
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         lp = torch.where(finished, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
         tokens.append(tok)
         logps.append(lp)
-        alive = (~finished).long()
+        full_mask[:, P + t] = (~finished).long()
         finished = finished | (tok == eos_id)
-        full_mask = torch.cat([full_mask, alive.unsqueeze(-1)], dim=-1)
         step_ids = tok.unsqueeze(-1)
-        step_pos = (full_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        step_pos = (full_mask[:, : P + t + 1].sum(-1, keepdim=True) - 1).clamp(min=0)
         done = finished.all().to(torch.int32)
-        if dist.is_initialized():  # ZeRO-3 needs every process in every forward pass
+        if sync:  # every process runs the same number of forwards (ZeRO-3 gathers need all of them)
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if bool(done):
             break
     return ids, mask, torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+_logged_once: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged_once:
+        _logged_once.add(msg)
+        log.warning(msg)
+
+
+def _hf_model(model):
+    """The transformers model (under a peft wrapper, its base model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class KVDecoder:
+    """The forward passes of :func:`sample_responses`: the prompt (prefill), then one token per call,
+    with a KV cache passed the way the installed transformers expects.
+
+    transformers >= 5.x names the cache argument ``cache`` (``past_key_values`` warns and is removed in
+    5.40); earlier versions call it ``past_key_values``. The name is read from the model's ``forward``
+    signature, and the cache is an explicit object (``DynamicCache``, or ``StaticCache`` with
+    ``static``) updated in place, so the model's output is never consulted for it.
+
+    ``static``: the cache is preallocated for ``max_len`` positions, rounded up to a multiple of
+    ``STATIC_BUCKET`` (so that rollouts with other prompt widths reuse the same shapes); the attention mask
+    passed has that fixed width. ``compile`` (CUDA only): decode steps (one token) run through
+    ``torch.compile(model.forward, mode="reduce-overhead")``, i.e. CUDA graphs over the static cache. The
+    compiled function and the static cache are then kept on the model and reused while (batch, length,
+    dtype) stay the same, so the graphs are recorded once per shape; the cache's memory (batch x length x
+    layers x 2 x kv heads x head dim) stays allocated between rollouts. Without ``compile`` the static
+    cache is freed after each call. Where an option does not apply it is dropped with one log line: a
+    model or transformers without static-cache support, compile off CUDA, a failing compilation (before
+    the cache was touched).
+    """
+
+    STATIC_BUCKET = 128
+    allow_cpu_compile = False  # tests only: compile on CPU (inductor, no CUDA graphs) to exercise the path
+
+    def __init__(self, model, batch: int, max_len: int, static: bool = False, compile: bool = False):
+        self.model = model
+        hf = _hf_model(model)
+        try:
+            self.params = frozenset(inspect.signature(hf.forward).parameters)
+        except (TypeError, ValueError):
+            self.params = frozenset()
+        self.cache_kw = "cache" if "cache" in self.params else "past_key_values"
+        self.max_len = max_len
+        self.static = False
+        self.step_fn = None
+        self.cache = None
+        if static:
+            bucketed = -(-max_len // self.STATIC_BUCKET) * self.STATIC_BUCKET
+            self.cache = self._static_cache(hf, batch, bucketed, keep=compile)
+            self.static = self.cache is not None
+            self.max_len = bucketed if self.static else max_len
+        if self.cache is None:
+            self.cache = _dynamic_cache(hf)
+        if compile:
+            self.step_fn = self._compiled_step(hf) if self.static else None
+            if not self.static:
+                _log_once("rollout.compile needs the static cache, which is unavailable here: decoding eagerly")
+
+    # -- construction ------------------------------------------------------------------------------
+    def _static_cache(self, hf, batch: int, max_len: int, keep: bool):
+        try:
+            from transformers import StaticCache
+        except ImportError:
+            _log_once("rollout.static_cache: this transformers has no StaticCache; using the dynamic cache")
+            return None
+        if not (getattr(hf, "_supports_static_cache", False) or getattr(hf, "_can_compile_fullgraph", False)):
+            _log_once(f"rollout.static_cache: {type(hf).__name__} does not support a static cache; "
+                      "using the dynamic cache")
+            return None
+        p = next(hf.parameters())
+        key = (batch, max_len, p.dtype, p.device)
+        held = getattr(hf, "_rto_static_cache", None)
+        if held is not None and held[0] == key:
+            held[1].reset()
+            return held[1]
+        hf._rto_static_cache = None  # a held cache of another shape: free it first
+        sig = inspect.signature(StaticCache.__init__).parameters
+        kw = {"config": hf.config, "max_cache_len": max_len}
+        # transformers < 4.56 preallocates eagerly and needs the batch size, device and dtype
+        for name, value in (("batch_size", batch), ("device", p.device), ("dtype", p.dtype)):
+            if name in sig:
+                kw[name] = value
+        if "batch_size" not in sig and "max_batch_size" in sig:
+            kw["max_batch_size"] = batch
+        try:
+            cache = StaticCache(**kw)
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the dynamic cache
+            _log_once(f"rollout.static_cache: StaticCache failed ({type(e).__name__}: {e}); using the dynamic cache")
+            return None
+        if keep:
+            hf._rto_static_cache = (key, cache)
+        return cache
+
+    def _compiled_step(self, hf):
+        p = next(hf.parameters())
+        if p.device.type != "cuda" and not self.allow_cpu_compile:
+            _log_once("rollout.compile: CUDA graphs need a CUDA device; decoding without torch.compile")
+            return None
+        if any(hasattr(q, "ds_id") for q in hf.parameters()):
+            _log_once("rollout.compile: not with ZeRO-3 partitioned parameters; decoding without torch.compile")
+            return None
+        held = getattr(self.model, "_rto_compiled_forward", None)
+        if held is None:
+            mode = "reduce-overhead" if p.device.type == "cuda" else "default"
+            try:
+                held = torch.compile(self.model.forward, mode=mode, dynamic=False)
+            except Exception as e:  # noqa: BLE001 -- e.g. no inductor / no compiler: decode eagerly
+                _log_once(f"rollout.compile: torch.compile unavailable ({type(e).__name__}: {e}); decoding eagerly")
+                return None
+            self.model._rto_compiled_forward = held
+        return held
+
+    # -- forward -------------------------------------------------------------------------------------
+    def __call__(self, input_ids: Tensor, full_mask: Tensor, position_ids: Tensor, start: int) -> Tensor:
+        """``(B, V)`` logits of the last input position. ``input_ids``: ``(B, q)`` tokens at sequence
+        positions ``start .. start + q - 1``; ``full_mask``: ``(B, max_len)`` attention mask of the whole
+        sequence (columns past ``start + q`` are ignored)."""
+        q = input_ids.shape[1]
+        mask = full_mask if self.static else full_mask[:, : start + q]
+        kw = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+              self.cache_kw: self.cache, "use_cache": True}
+        if "cache_position" in self.params:  # transformers < 5: the cache slots to write
+            kw["cache_position"] = torch.arange(start, start + q, device=input_ids.device)
+        if "logits_to_keep" in self.params:  # the prompt's logits are never needed
+            kw["logits_to_keep"] = 1
+        elif "num_logits_to_keep" in self.params:  # the name before transformers 4.50
+            kw["num_logits_to_keep"] = 1
+        if self.step_fn is not None and q == 1:
+            before = int(self.cache.get_seq_length())  # a tensor updated in place by static layers
+            try:
+                return self.step_fn(**kw).logits[:, -1].clone()  # the graph's output buffer is reused
+            except Exception as e:  # noqa: BLE001
+                if int(self.cache.get_seq_length()) != before:
+                    raise  # the cache was already written: not recoverable here
+                _log_once(f"rollout.compile: torch.compile failed ({type(e).__name__}: {e}); decoding eagerly")
+                self.step_fn = None
+        return self.model(**kw).logits[:, -1]
+
+
+def _dynamic_cache(hf):
+    """An empty ``DynamicCache`` for ``hf`` (with its config where the constructor takes one: sliding-window
+    layers are then cached as the model would itself)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=hf.config)
+    except TypeError:  # transformers < 4.56
+        return DynamicCache()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,11 +453,13 @@ def layout(prompt_chunks: list[tuple[Tensor, Tensor]], response_chunks: list[Ten
 
 def generate(actor, prompts: list[list[int]], ropts, pad_id: int, eos_id: int):
     """Pure sampling (:func:`sample_responses`) in chunks of ``ropts.generation_batch_size`` prompts, merged
-    into one buffer; returns what :func:`layout` returns. ``ropts``: ``RolloutOptions``."""
+    into one buffer; returns what :func:`layout` returns. ``ropts``: ``RolloutOptions`` (its
+    ``static_cache`` and ``compile`` choose the decoding path; all paths sample alike)."""
+    static, compiled = getattr(ropts, "static_cache", False), getattr(ropts, "compile", False)
     chunks, responses, logps = [], [], []
     for s in range(0, len(prompts), ropts.generation_batch_size):
         p, pm, resp, lp = sample_responses(actor, prompts[s : s + ropts.generation_batch_size], pad_id, eos_id,
-                                           ropts.max_new_tokens, ropts.temperature)
+                                           ropts.max_new_tokens, ropts.temperature, static, compiled)
         chunks.append((p, pm))
         responses.append(resp)
         logps.append(lp)

@@ -33,9 +33,12 @@ import time
 import torch
 
 from rto_llm import checkpoint as ckpt
+from rto_llm import lifecycle
 from rto_llm.config import ConfigError
 from rto_llm.data import load_examples, step_indices
 from rto_llm.distributed import all_reduce_dict, create_engine, init_distributed
+from rto_llm.evaluation import PPOEvaluator
+from rto_llm.guard import NonFiniteError, NonFiniteGuard  # noqa: F401  (NonFiniteError: re-exported)
 from rto_llm.logging import setup_console_logging
 from rto_llm.models import REWARD_MEAN_KEY, model_tokenizer, reward_stats
 from rto_llm.ppo.config import check_ppo_config
@@ -57,10 +60,8 @@ from rto_sim.core import AdaptiveKLController, FixedKLController
 log = logging.getLogger("rto_llm")
 
 _BAR = ("objective/scores", "objective/kl", "val/response_length", "policy/clipfrac_avg")
-
-
-class NonFiniteError(RuntimeError):
-    """NaN or inf in a loss, a gradient norm or a metric: the run stops; the last checkpoint is intact."""
+_SUMMARY = ("objective/scores", "objective/kl", "objective/rlhf_reward", "val/response_length", "loss/policy_avg",
+            "loss/value_avg", "grad_norm/actor")
 
 
 class PPOTrainer:
@@ -75,19 +76,26 @@ class PPOTrainer:
         self.info = info = init_distributed(cfg.train.device)
         setup_console_logging(info.is_main)
         check_ppo_config(cfg, info.world_size)
+        self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+        self.guard = NonFiniteGuard(self.ckpt_dir, "rollout", enabled=cfg.perf.stop_on_nonfinite)
+        # before any model loads: output directory, resume checkpoint and config, prompts and batch sizes
+        self.resume_plan = lifecycle.preflight(cfg, info, self.stage)
         if cfg.model.dropout:
             log.warning("model.dropout=true: the first PPO ratio will not be 1 and the KL will be noisy")
         ckpt.seed_everything(cfg.train.seed)
         self.tokenizer = model_tokenizer(cfg.model)
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        # evaluation (eval section): eval prompts and gold reward are checked before any model loads
+        self.evaluator = PPOEvaluator(cfg, self.tokenizer, info)
+        self.eval_history = self.evaluator.history  # one row per evaluation: {"step": n, "eval/...": ...}
+        d = cfg.data
+        self.prompts, self.data_stats = load_examples("prompt", d.train_path, d.train_split, self.tokenizer, d)
+        self._plan()
         self.roles = load_roles(cfg, self.tokenizer, info.device)
         self.rm_mean, self.rm_std = reward_stats(self.roles.reward_model)
         if cfg.reward.normalize and not hasattr(self.roles.reward_model.config, REWARD_MEAN_KEY):
             log.warning("reward model has no saved mean/std (rto_reward_mean/std): scores are not normalized")
         self.delimiters = delimiter_table(self.tokenizer, cfg.rto.delimiters) if cfg.rto.mode == "semi_rto" else None
-        d = cfg.data
-        self.prompts, self.data_stats = load_examples("prompt", d.train_path, d.train_split, self.tokenizer, d)
-        self._plan()
         self._build_engines()
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl.beta2, cfg.kl.target, cfg.kl.horizon)
@@ -98,7 +106,6 @@ class PPOTrainer:
         # (a peft adapter or a fresh critic head draws from the RNG), so PPO and RTO runs sample alike.
         # Each process samples with its own stream (seed + rank; rank 0 = a one-process run).
         ckpt.seed_everything(cfg.train.seed + info.rank)
-        self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
 
     def _plan(self) -> None:
         cfg, W = self.cfg, self.info.world_size
@@ -138,7 +145,8 @@ class PPOTrainer:
 
     # ---- state ----------------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        state = {"kl_coef": self.kl_ctl.value, "red_flags": self.red_flags.state_dict()}
+        state = {"kl_coef": self.kl_ctl.value, "red_flags": self.red_flags.state_dict(),
+                 "eval": self.evaluator.state_dict()}
         if self.cfg.kl.ref_ema_decay > 0:
             state["reference"] = {k: v.cpu() for k, v in self.roles.reference.state_dict().items()}
         return state
@@ -146,6 +154,7 @@ class PPOTrainer:
     def load_extra_state(self, state: dict) -> None:
         self.kl_ctl.value = state["kl_coef"]
         self.red_flags.load_state_dict(state["red_flags"])
+        self.evaluator.load_state_dict(state.get("eval", {}))
         if "reference" in state:
             self.roles.reference.load_state_dict(state["reference"])
 
@@ -155,7 +164,12 @@ class PPOTrainer:
         checkpoints (step 10) are the caller's (:meth:`train`)."""
         t0 = time.perf_counter()
         prompts = self.rollout_prompts(k)  # 1. prompts
-        exp, times = self.make_experience(prompts)  # 2-6. generate, forward, score, rewards, advantages
+        try:
+            exp, times = self.make_experience(prompts)  # 2-6. generate, forward, score, rewards, advantages
+        except RuntimeError as e:  # NaN/inf logits reach torch.multinomial: the actor's weights diverged
+            if "probability tensor contains" not in str(e):
+                raise
+            self.guard.stop(k, "sampling probabilities (NaN/inf logits from the actor)", "the update")
         row = self.check_rollout(exp, k)  # 7. rollout metrics (stop on NaN/inf)
         t_train = time.perf_counter()
         row.update(self.ppo_update(exp, k))  # 8. PPO update
@@ -190,7 +204,8 @@ class PPOTrainer:
         actor.eval()
         t0 = time.perf_counter()
         # 2. generate
-        buffer = generate(actor, prompt_ids, cfg.rollout, self.pad_id, self.eos_id)
+        with self.actor_engine.generation_context(cfg.rollout.zero3_gather):  # ZeRO-3: gather once per rollout
+            buffer = generate(actor, prompt_ids, cfg.rollout, self.pad_id, self.eos_id)
         seq, am, action_mask, has_eos, sample_lp, P = (x.to(dev) if torch.is_tensor(x) else x for x in buffer)
         t1 = time.perf_counter()
         # 3. forward passes of every role (no grad)
@@ -241,18 +256,27 @@ class PPOTrainer:
         """Run rollouts to ``total_rollouts`` (or return after ``stop_after`` rollouts of this call,
         after saving a checkpoint: a deliberate interruption). Returns the per-rollout metrics."""
         cfg, info = self.cfg, self.info
+        t_run = time.perf_counter()
         start, end, logger = begin_run(cfg, info, self.ckpt_dir, self.engines, self.stage, self.total_rollouts,
-                                       stop_after)    # steps here are rollouts
+                                       stop_after, plan=self.resume_plan, unit="rollout")  # steps = rollouts
         history = []
         try:
+            if start == 0:
+                self.evaluator.maybe_run(self, 0, logger)  # eval.at_start: the starting policy, step 0
             for k in range(start, end):
                 row = self.rollout_step(k)
                 history.append({"step": k + 1, **row})
                 self.log_rollout(k + 1, row, logger, end, stop_after)
         finally:
             logger.close()
+        exported = []
         if end == self.total_rollouts and cfg.checkpoint.export_hf:
-            self.export(os.path.join(cfg.train.output_dir, "final"))
+            exported.append(os.path.join(cfg.train.output_dir, "final"))
+            self.export(exported[-1])
+        if info.is_main:
+            log.info("%s", lifecycle.run_summary(self.stage, "rollout", history, start, end, self.total_rollouts,
+                                                 time.perf_counter() - t_run, cfg.train.output_dir, _SUMMARY,
+                                                 exported))
         return history
 
     def log_rollout(self, n: int, row: dict[str, float], logger, end: int, stop_after: int | None) -> None:
@@ -262,9 +286,14 @@ class PPOTrainer:
         logger.log(n, row, force=n == end)
         if getattr(logger, "bar", None) is not None:  # live reward / KL / length next to the bar
             logger.bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}" for k in _BAR if k in row})
-        every = self.cfg.checkpoint.save_every
-        if (every and n % every == 0) or (stop_after is not None and n == end < self.total_rollouts):
+        self.evaluator.maybe_run(self, n, logger)  # every eval.every rollouts and after the last (before a save)
+        c = self.cfg.checkpoint
+        last = n == self.total_rollouts
+        if (c.save_every and n % c.save_every == 0) or (not c.save_every and last) or (
+                stop_after is not None and n == end < self.total_rollouts):
             self.save_checkpoint(n)
+        if c.save_hf_every and n % c.save_hf_every == 0:
+            self.export(os.path.join(self.cfg.train.output_dir, "hf", f"step-{n:08d}"), n)
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _perf(self, exp: Experience, dt: float) -> dict[str, float]:
@@ -277,25 +306,25 @@ class PPOTrainer:
             row["perf/mfu"] = flops / dt / (peak * 1e12)
         return row
 
-    def _check_finite(self, x: torch.Tensor, what: str, rollout: int) -> None:
-        if self.cfg.perf.stop_on_nonfinite and not bool(torch.isfinite(x).all()):
-            self._stop(rollout, what, "the optimizer step")
+    def _check_finite(self, x, what: str, rollout: int) -> None:
+        """The shared non-finite guard (rto_llm/guard.py); ``rollout`` is 0-based."""
+        self.guard.check(x, what, rollout)
 
     def _check_metrics(self, row: dict[str, float], rollout: int, what: str, before: str) -> None:
         bad = nonfinite_keys(row)
-        if bad and self.cfg.perf.stop_on_nonfinite:
-            self._stop(rollout, f"{what} {bad}", before)
-
-    def _stop(self, rollout: int, what: str, before: str):
-        raise NonFiniteError(f"rollout {rollout}: non-finite {what}; stopping before {before} "
-                             f"(the last checkpoint under {self.ckpt_dir} is intact)")
+        if bad and self.guard.enabled:
+            self.guard.stop(rollout, f"{what} {bad}", before)
 
     def save_checkpoint(self, rollout: int) -> str:
-        state = {"stage": self.stage, "total_rollouts": self.total_rollouts, "kl_coef": self.kl_ctl.value}
+        state = {"stage": self.stage, "total_rollouts": self.total_rollouts, "kl_coef": self.kl_ctl.value,
+                 **lifecycle.run_identity(self.cfg)}
         keep = self.cfg.checkpoint.keep_last
-        return ckpt.save_checkpoint(self.ckpt_dir, rollout, self.engines, state, self.info, keep)
+        return ckpt.save_checkpoint(self.ckpt_dir, rollout, self.engines, state, self.info, keep, guard=self.guard)
 
-    def export(self, path: str) -> None:
+    def export(self, path: str, rollout: int | None = None) -> None:
+        """Hugging Face export of the actor (never of non-finite weights)."""
+        n = self.total_rollouts if rollout is None else rollout
+        self.guard.check_params(self.engines, n, f"export {path}")
         state_dict = self.actor_engine.full_state_dict()
         ckpt.export_hf(path, self.actor_engine.module, self.tokenizer, state_dict, self.info)
         if self.info.is_main:

@@ -14,7 +14,8 @@ Each micro-batch loss is weighted by its share of the *global* train batch's uni
 token-mean, rows otherwise: ``microbatch_loss_weight`` x local units / global units) and by the world
 size (the engines average gradients over processes), so the accumulated gradient is the gradient of the
 whole train batch's loss for any micro-batch size and number of processes (docs/practice.md invariant 13).
-A non-finite loss or gradient norm stops the run before the optimizer step.
+A non-finite loss (summed over processes) or gradient norm stops the run before the optimizer step (the shared
+guard of ``rto_llm/guard.py``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ class PPOUpdate:
             if self.critic_engine is not None:
                 self.critic_micro_step(micro, w, step, rollout)
         step = all_reduce_dict(step)
+        # the losses summed over processes (NaN on one process is NaN on all), before any optimizer step
+        if train_actor:
+            self.check_finite(torch.tensor(step["policy_loss"]), "policy loss", rollout)
+        if self.critic_engine is not None:
+            self.check_finite(torch.tensor(step["value_loss"]), "value loss", rollout)
         if train_actor:
             stats.add("grad_norm_actor", self._engine_step(self.actor_engine, "actor grad norm", rollout))
             for name in _ACTOR_KEYS:
@@ -113,7 +119,6 @@ class PPOUpdate:
         logits = self.actor_engine.run(response_logits, seq, micro.attention_mask, P)
         logprobs = gather_logprobs(logits, seq[:, P:], T)
         loss, st = self.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, **self.policy_kw)
-        self.check_finite(loss, "policy loss", rollout)
         self.actor_engine.backward(loss * (w * self.info.world_size))
         self.actor_engine.micro_step()
         with torch.no_grad():
@@ -130,14 +135,11 @@ class PPOUpdate:
         values = self.critic_engine.run(response_values, micro.sequences, micro.attention_mask, micro.prompt_width)
         vloss, vst = value_loss(values, micro.values, micro.returns, micro.action_mask,
                                 clip_eps=p.value_clip or None, loss_agg_mode=p.loss_agg)
-        self.check_finite(vloss, "value loss", rollout)
         self.critic_engine.backward(vloss * (p.vf_coef * w * self.info.world_size))
         self.critic_engine.micro_step()
         step["value_loss"] += float(vloss.detach()) * w
         step["vf_clipfrac"] += float(vst["vf_clipfrac"]) * w
 
     def _engine_step(self, engine, what: str, rollout: int) -> float:
-        """The optimizer step of ``engine`` (grad clip inside); its gradient norm must be finite."""
-        grad_norm = engine.optimizer_step()
-        self.check_finite(torch.tensor(grad_norm), what, rollout)
-        return grad_norm
+        """The optimizer step of ``engine`` (grad clip inside); its gradient norm is checked before the step."""
+        return engine.optimizer_step(check=lambda norm: self.check_finite(norm, what, rollout))

@@ -20,13 +20,20 @@ from collections import defaultdict
 import torch
 
 from rto_llm import checkpoint as ckpt
+from rto_llm import lifecycle
 from rto_llm.config import ConfigError, save_config, to_dict
 from rto_llm.data import load_examples, step_indices
 from rto_llm.distributed import all_reduce_sum, barrier, create_engine, init_distributed
+from rto_llm.evaluation import supervised_eval
+from rto_llm.guard import NonFiniteGuard
 from rto_llm.logging import MetricsLogger, setup_console_logging
-from rto_llm.models import check_tokenizers, model_tokenizer
+from rto_llm.models import check_model_kind, check_tokenizers, model_tokenizer
 
 log = logging.getLogger("rto_llm")
+
+# metrics shown in the summary at the end of a run (those the stage logs)
+SUMMARY_KEYS = ("train/loss", "train/accuracy", "train/reward_margin", "train/grad_norm", "train/lr", "eval/loss",
+                "eval/accuracy")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -36,15 +43,16 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def begin_run(cfg, info, ckpt_dir: str, engines, stage: str, total: int, stop_after: int | None):
-    """Shared start of every training loop: resume from ``cfg.checkpoint.resume`` (restoring ``engines``),
-    save the resolved config, open the metrics logger. Returns ``(start, end, logger)``: the loop runs
-    steps (or rollouts) ``start .. end - 1``, ``end`` honouring ``stop_after`` (a deliberate interruption)."""
+def begin_run(cfg, info, ckpt_dir: str, engines, stage: str, total: int, stop_after: int | None,
+              plan=None, unit: str = "step"):
+    """Shared start of every training loop: resume from ``cfg.checkpoint.resume`` (``plan``: the checkpoint
+    :func:`rto_llm.lifecycle.preflight` found and checked; its model identity is verified here, then ``engines``
+    are restored and metrics.jsonl is cut back to its step), save the resolved config, open the metrics logger.
+    Returns ``(start, end, logger)``: the loop runs steps (or rollouts) ``start .. end - 1``, ``end`` honouring
+    ``stop_after`` (a deliberate interruption)."""
     start = 0
     if cfg.checkpoint.resume:
-        path = ckpt.find_checkpoint(ckpt_dir, cfg.checkpoint.resume)
-        start = ckpt.load_checkpoint(path, engines, info)["step"]
-        log.info("resumed from %s at step %d", path, start)
+        start = lifecycle.resume_run(cfg, info, engines, stage, total, plan, unit)
     if info.is_main:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
@@ -56,6 +64,7 @@ def begin_run(cfg, info, ckpt_dir: str, engines, stage: str, total: int, stop_af
 class Trainer:
     stage = "base"
     data_kind = "sft"  # "sft" | "preference"
+    model_kind = "any"  # what model.path must hold: "causal_lm", "reward_model" or "any" (models.check_model_kind)
 
     # ---- stage hooks ----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -83,14 +92,15 @@ class Trainer:
         self.cfg = cfg
         self.info = init_distributed(cfg.train.device)
         setup_console_logging(self.info.is_main)
+        self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+        self.guard = NonFiniteGuard(self.ckpt_dir, "step")
+        # before any model loads: output directory, resume checkpoint and config, data and batch sizes
+        self.resume_plan = lifecycle.preflight(cfg, self.info, self.stage)
         ckpt.seed_everything(cfg.train.seed)
+        check_model_kind(cfg.model.path, self.model_kind, "model.path", cfg.model.gguf_file)  # before data
         self.tokenizer = model_tokenizer(cfg.model)
         check_tokenizers({"policy": self.tokenizer})
         self.pad_id = self.tokenizer.pad_token_id
-        self.model = self.build_model()
-        check_tokenizers({"policy": self.tokenizer}, {"policy": self.model})
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.pad_id
         d = cfg.data
         self.train_examples, self.data_stats = load_examples(
             self.data_kind, d.train_path, d.train_split, self.tokenizer, d
@@ -98,11 +108,15 @@ class Trainer:
         self.eval_examples = (
             load_examples(self.data_kind, d.eval_path, d.eval_split, self.tokenizer, d)[0] if d.eval_path else []
         )
+        self.eval_history: list[dict] = []  # one row per evaluation (eval section): {"step": n, "eval/...": ...}
         self._plan_batches()
+        self.model = self.build_model()
+        check_tokenizers({"policy": self.tokenizer}, {"policy": self.model})
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.pad_id
         self.model.to(self.info.device)
         self.before_engine()
         self.engine = create_engine(self.model, cfg.train, cfg.deepspeed, self.total_steps, self.grad_accum, self.info)
-        self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
 
     def _plan_batches(self) -> None:
         t, W = self.cfg.train, self.info.world_size
@@ -133,10 +147,14 @@ class Trainer:
         """Train to ``total_steps`` (or return after ``stop_after`` steps of this call, after saving a
         checkpoint: a deliberate interruption). Returns the per-step metrics."""
         cfg, info = self.cfg, self.info
-        start, end, logger = begin_run(cfg, info, self.ckpt_dir, self.engine, self.stage, self.total_steps, stop_after)
+        t_run = time.perf_counter()
+        start, end, logger = begin_run(cfg, info, self.ckpt_dir, self.engine, self.stage, self.total_steps, stop_after,
+                                       plan=self.resume_plan)
         history = []
         model = self.engine.module
         model.train()
+        if start == 0:
+            supervised_eval(self, 0, logger)  # eval.at_start
         for step in range(start, end):
             t0 = time.perf_counter()
             global_idx = self.batch_indices(step)
@@ -156,9 +174,12 @@ class Trainer:
                 for name, v in metrics.items():
                     sums[name] += v * share
                 tokens += float(batch["attention_mask"].sum())
-            grad_norm = self.engine.optimizer_step()
             names = sorted(sums)
             reduced = all_reduce_sum(torch.tensor([sums[n] for n in names] + [tokens], dtype=torch.float64))
+            # non-finite guard: the loss summed over processes (NaN on one process is NaN on all), then the
+            # gradient norm inside the engine, both before the optimizer step
+            self.guard.check(reduced[names.index("loss")], "loss", step)
+            grad_norm = self.engine.optimizer_step(check=lambda n, s=step: self.guard.check(n, "gradient norm", s))
             dt = time.perf_counter() - t0
             row = {f"train/{n}": float(v) for n, v in zip(names, reduced[:-1].tolist())}
             row.update({
@@ -168,21 +189,37 @@ class Trainer:
             })
             history.append({"step": step + 1, **row})
             logger.log(step + 1, row, force=step + 1 == end)
-            every = cfg.checkpoint.save_every
-            if (every and (step + 1) % every == 0) or (stop_after is not None and step + 1 == end < self.total_steps):
-                self.save_checkpoint(step + 1)
+            supervised_eval(self, step + 1, logger)  # every eval.every steps and after the last
+            self.after_step(step + 1, end, stop_after)
+        exported = []
         if end == self.total_steps:
-            if self.eval_examples:
-                logger.log(end, self.evaluate(), force=True)
             self.finish()
             if cfg.checkpoint.export_hf:
-                self.export(os.path.join(cfg.train.output_dir, "final"))
+                exported.append(os.path.join(cfg.train.output_dir, "final"))
+                self.export(exported[-1])
         logger.close()
+        if info.is_main:
+            log.info("%s", lifecycle.run_summary(self.stage, "step", history, start, end, self.total_steps,
+                                                 time.perf_counter() - t_run, cfg.train.output_dir, SUMMARY_KEYS,
+                                                 exported))
         return history
 
+    def after_step(self, n: int, end: int, stop_after: int | None) -> None:
+        """Checkpoints after step ``n`` (1-based): every ``save_every`` steps (with 0: at the last step), at a
+        deliberate interruption, and a Hugging Face export every ``save_hf_every`` steps."""
+        c = self.cfg.checkpoint
+        last = n == self.total_steps
+        if (c.save_every and n % c.save_every == 0) or (not c.save_every and last) or (
+                stop_after is not None and n == end < self.total_steps):
+            self.save_checkpoint(n)
+        if c.save_hf_every and n % c.save_hf_every == 0:
+            self.prepare_export()
+            self.export(os.path.join(self.cfg.train.output_dir, "hf", f"step-{n:08d}"), n)
+
     def save_checkpoint(self, step: int) -> str:
-        state = {"stage": self.stage, "total_steps": self.total_steps}
-        return ckpt.save_checkpoint(self.ckpt_dir, step, self.engine, state, self.info, self.cfg.checkpoint.keep_last)
+        state = {"stage": self.stage, "total_steps": self.total_steps, **lifecycle.run_identity(self.cfg)}
+        return ckpt.save_checkpoint(self.ckpt_dir, step, self.engine, state, self.info, self.cfg.checkpoint.keep_last,
+                                    guard=self.guard)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -192,7 +229,7 @@ class Trainer:
         exs = self.eval_examples[self.info.rank :: self.info.world_size]
         units_total = self.loss_units(self.eval_examples)
         sums: dict[str, float] = defaultdict(float)
-        mb = self.cfg.train.micro_batch_size
+        mb = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
         for k in range(0, len(exs), mb):
             batch = self._to_device(self.collate(exs[k : k + mb]))
             loss, metrics, units = self.engine.run(self.micro_batch_loss, batch)
@@ -207,7 +244,12 @@ class Trainer:
     def finish(self) -> None:
         """Stage hook after the last step, before the export (e.g. reward statistics)."""
 
-    def export(self, path: str) -> None:
+    def prepare_export(self) -> None:
+        """Stage hook before an intermediate Hugging Face export (checkpoint.save_hf_every)."""
+
+    def export(self, path: str, step: int | None = None) -> None:
+        """Hugging Face export of the trained model to ``path`` (never of non-finite weights)."""
+        self.guard.check_params(self.engine, self.total_steps if step is None else step, f"export {path}")
         state_dict = self.engine.full_state_dict()
         ckpt.export_hf(path, self.engine.module, self.tokenizer, state_dict, self.info, self.export_extras())
         barrier()

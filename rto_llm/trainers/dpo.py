@@ -16,7 +16,14 @@ import torch
 
 from rto_llm.data import collate_pairs
 from rto_llm.distributed import all_reduce_sum
-from rto_llm.models import check_tokenizers, forward_logprobs, load_causal_lm, load_tokenizer
+from rto_llm.models import (
+    CAUSAL_LM,
+    check_model_kind,
+    check_tokenizers,
+    forward_logprobs,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rto_llm.trainers.base import Trainer
 from rto_sim.core import dpo_loss, sequence_logprob
 
@@ -26,17 +33,20 @@ log = logging.getLogger("rto_llm")
 class DPOTrainer(Trainer):
     stage = "dpo"
     data_kind = "preference"
+    model_kind = "causal_lm"
 
     def build_model(self):
         m, d = self.cfg.model, self.cfg.dpo
-        policy = load_causal_lm(m, trainable=True)
+        policy = load_causal_lm(m, trainable=True, tokenizer=self.tokenizer)
         self.reference = None
         if m.lora_rank == 0:
             ref_path = d.ref_path or m.path
             if d.ref_path:
-                ref_tok = load_tokenizer(d.ref_path, m.allow_hub, m.gguf_file, m.trust_remote_code)
+                check_model_kind(d.ref_path, CAUSAL_LM, "dpo.ref_path", m.gguf_file)
+                ref_tok = load_tokenizer(d.ref_path, m.allow_hub, m.gguf_file, m.trust_remote_code, m.pad_token)
                 check_tokenizers({"policy": self.tokenizer, "reference": ref_tok})
-            self.reference = load_causal_lm(m, trainable=False, path=ref_path)
+            self.reference = load_causal_lm(m, trainable=False, path=ref_path, tokenizer=self.tokenizer,
+                                            field="dpo.ref_path" if d.ref_path else "model.path")
         elif d.ref_path:
             raise ValueError("dpo.ref_path with LoRA: the reference is the policy's base (adapter off); leave it empty")
         return policy

@@ -1,8 +1,9 @@
 """Reward model: pairwise Bradley-Terry loss on scores read at the last real token of each response.
 
 After training, the mean and std of the scores over the training set (chosen and rejected responses)
-are stored in the exported model's config (``rto_reward_mean`` / ``rto_reward_std``), so the PPO / RTO
-stage can normalize the score before it enters the reward.
+are stored in the exported model's config (``rto_reward_mean`` / ``rto_reward_std``) and in
+``rto_reward_stats.json`` next to it (the only place for a LoRA adapter export), so the PPO / RTO stage can
+normalize the score before it enters the reward.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from rto_llm.data import collate_pairs
 from rto_llm.distributed import all_reduce_sum
-from rto_llm.models import load_scalar_model, sequence_scores, set_reward_stats
+from rto_llm.models import REWARD_STATS_FILE, load_scalar_model, reward_stats_file, sequence_scores, set_reward_stats
 from rto_llm.trainers.base import Trainer
 from rto_sim.core import bradley_terry_loss
 
@@ -25,7 +26,8 @@ class RMTrainer(Trainer):
     data_kind = "preference"
 
     def build_model(self):
-        return load_scalar_model(self.cfg.model, trainable=True, head_init_std=self.cfg.rm.head_init_std)
+        return load_scalar_model(self.cfg.model, trainable=True, head_init_std=self.cfg.rm.head_init_std,
+                                 tokenizer=self.tokenizer)
 
     def collate(self, examples):
         return collate_pairs(examples, self.pad_id)
@@ -66,7 +68,18 @@ class RMTrainer(Trainer):
         std = max(sq / n - mean * mean, 0.0) ** 0.5
         return mean, std
 
+    def prepare_export(self):
+        """Intermediate exports (checkpoint.save_hf_every) carry the current score mean/std too."""
+        self.finish()
+
     def finish(self):
         mean, std = self.reward_statistics()
         set_reward_stats(self.engine.module, mean, std)
+        self._stats = (mean, std)
         log.info("reward statistics over the training set: mean %.4f std %.4f", mean, std)
+
+    def export_extras(self) -> dict[str, str]:
+        """The score mean/std as ``rto_reward_stats.json`` next to the export: a LoRA export is an adapter
+        without a ``config.json`` of its own, so this file is where the PPO / RTO stage finds them."""
+        stats = getattr(self, "_stats", None)
+        return {REWARD_STATS_FILE: reward_stats_file(*stats)} if stats is not None else {}

@@ -11,9 +11,10 @@ from rto_sim.core import aggregate_loss
 class SFTTrainer(Trainer):
     stage = "sft"
     data_kind = "sft"
+    model_kind = "causal_lm"
 
     def build_model(self):
-        return load_causal_lm(self.cfg.model, trainable=True)
+        return load_causal_lm(self.cfg.model, trainable=True, tokenizer=self.tokenizer)
 
     def collate(self, examples):
         return collate_sft(examples, self.pad_id)

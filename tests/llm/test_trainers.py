@@ -149,8 +149,9 @@ def test_trainers_refuse_bad_tokenizers_at_start_up(make_cfg, tmp_path):
     bad = build_tiny_tokenizer(pad_token="<eos>")
     build_tiny_llama(bad).save_pretrained(tmp_path / "padeos")
     bad.save_pretrained(tmp_path / "padeos")
+    # model.pad_token=keep: the tokenizer as saved (the default, auto, would add a dedicated PAD instead)
     with pytest.raises(TokenizerMismatchError, match="PAD == EOS"):
-        SFTTrainer(make_cfg(SFTConfig, f"model.path={tmp_path / 'padeos'}"))
+        SFTTrainer(make_cfg(SFTConfig, f"model.path={tmp_path / 'padeos'}", "model.pad_token=keep"))
     other = build_tiny_tokenizer(extra_words=("extra",))
     build_tiny_llama(other).save_pretrained(tmp_path / "other")
     other.save_pretrained(tmp_path / "other")

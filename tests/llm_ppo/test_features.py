@@ -188,7 +188,7 @@ def test_nonfinite_stops_and_keeps_last_checkpoint(make_trainer, tmp_path):
     tr.train(stop_after=1)
     ckpt_dir = out / "checkpoints"
     assert (ckpt_dir / "latest").read_text() == "step-00000001"
-    saved = torch.load(ckpt_dir / "step-00000001" / "actor" / "engine.pt", weights_only=False)["model"]
+    saved = torch.load(ckpt_dir / "step-00000001" / "actor" / "engine.pt", weights_only=True)["model"]
     tr2 = make_trainer("ppo.max_rollouts=3", "checkpoint.resume=latest", "checkpoint.save_every=1", out=out)
     with torch.no_grad():
         tr2.roles.reward_model.score.weight.fill_(float("nan"))

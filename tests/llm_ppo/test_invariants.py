@@ -187,7 +187,9 @@ def test_inv08_pad_equal_to_eos_refused(fx, tmp_path):
 
     shutil.copytree(fx["actor"], bad)
     build_tiny_tokenizer(pad_token="<eos>").save_pretrained(bad)
-    cfg = load_config(PPOConfig, None, ppo_overrides({**fx, "actor": str(bad)}, str(tmp_path / "run")))
+    # model.pad_token=keep: the tokenizer as saved (the default, auto, adds a dedicated PAD before the check)
+    cfg = load_config(PPOConfig, None, ppo_overrides({**fx, "actor": str(bad)}, str(tmp_path / "run"),
+                                                     "model.pad_token=keep"))
     with pytest.raises(TokenizerMismatchError, match="PAD == EOS"):
         PPOTrainer(cfg)
 
