@@ -556,7 +556,9 @@ class PPOEvaluator:
         to a recomputed forward pass, docs/practice.md invariant 3) and of pi_ref (one forward pass, at T)."""
         roles = trainer.roles
         self._seed(0)
-        seq, am, action_mask, has_eos, sample_lp, P = self._generate(roles.actor)
+        gather = trainer.cfg.rollout.zero3_gather     # ZeRO-3: gather the actor once per generation, as in rollouts
+        seq, am, action_mask, has_eos, sample_lp, P = self._generate(
+            roles.actor, lambda: trainer.actor_engine.generation_context(gather))
         ref_lp = self._reference_logprobs(roles, seq, am, action_mask, P)
         pol = self._finish(trainer, seq, am, action_mask, has_eos, P, self._rm_scores(roles, seq, am))
         return pol, {"logprobs": sample_lp, "ref_logprobs": ref_lp}
