@@ -25,9 +25,12 @@ def draw(summary: dict, out: Path) -> list[Path]:
     ax.invert_yaxis()
     ax.set_xlabel("max |error| over random instances")
     ax.legend(loc="lower right")
-    A_vals, betas = sorted(int(a) for a in df.A.unique()), sorted(float(b) for b in df.beta.unique())
-    cap = (f"E0: {df.instance.nunique()} random trees/automata (A in {A_vals}, H <= {df.H.max()}, "
-           f"EOS on/off, beta in {betas}); {run_info(summary, 1)}")
+    det = df[df.structure != "stochastic"] if "structure" in df else df       # identities 1-11
+    A_vals, betas = sorted(int(a) for a in det.A.unique()), sorted(float(b) for b in det.beta.unique())
+    n_stoch = int((df.structure == "stochastic").sum()) if "structure" in df else 0
+    cap = (f"E0: {det.instance.nunique()} random trees/automata (A in {A_vals}, H <= {det.H.max()}, "
+           f"EOS on/off, beta in {betas})" + (f"; identities 12-13 on {n_stoch} stochastic-transition cases"
+                                               if n_stoch else "") + f"; {run_info(summary, 1)}")
     paths = save(fig, out, "E0_identities", cap)
     lines = ["| identity | max abs error | tolerance | verdict |", "|---|---|---|---|"]
     for n in names:

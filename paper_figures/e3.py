@@ -1,5 +1,6 @@
-"""E3/E6 figures: the Gibbs plug-in gap vs N (S5), Theorem 4.2 / B.1 bounds vs measured suboptimality (S9),
-and pessimism vs greedy planning under poor coverage (S10)."""
+"""E3/E6 figures: the Gibbs plug-in gap vs N (S5), Theorem 4.2 / B.1 bounds vs measured suboptimality at the
+data-only rho (S25), SubOpt vs sampling temperature (S24, RTO Fig. 5), and pessimism vs greedy planning under poor
+coverage (S10)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,46 @@ def draw_e3(summary: dict, out: Path) -> list[Path]:
             ax.scatter(p[bcol], p[col].clip(lower=1e-6), s=5, alpha=0.5, color=color, label=label)
     lim = [1e-4, max(1.0, float(np.nanmax(p[["bound_42", "bound_b1"]].to_numpy())) if len(p) else 1.0)]
     ax.plot(lim, lim, "k--", lw=0.8, label="y = x")
-    ax.set(xscale="log", yscale="log", xlabel="bound (calibrated rho)", ylabel="measured SubOpt",
-           title="Theorem 4.2 (S9): points below the line hold")
+    ax.set(xscale="log", yscale="log", xlabel="bound (data-only rho)", ylabel="measured SubOpt",
+           title="Theorem 4.2 / B.1 (S25): points below the line hold")
     ax.legend(fontsize=6)
     cap = (f"E3: A={summary['config'].get('A')}, H={summary['config'].get('H')}; classes "
            f"{list(summary['config'].get('classes', {}))}; Gibbs: mean over {summary['config'].get('seeds_gibbs')} "
            f"seeds; bounds: {summary['config'].get('eval_seeds')} evaluation seeds per N; "
            f"{run_info(summary)}")
-    return save(fig, out, "E3_policy_quality", cap)
+    paths = save(fig, out, "E3_policy_quality", cap)
+    return paths + draw_temperature(summary, df, out)
+
+
+def draw_temperature(summary: dict, df, out: Path) -> list[Path]:
+    """SubOpt_beta(T) of policies trained at T = 1 and sampled at temperature T (S24; RTO Fig. 5 varies T)."""
+    t = df[df.part == "temperature"] if "part" in df else df.iloc[:0]
+    if t.empty:
+        return []
+    classes, betas = list(dict.fromkeys(t["class"])), sorted(t.beta.unique())
+    fig, axes = plt.subplots(1, len(classes), figsize=(4.5 * len(classes), 3.3), squeeze=False)
+    styles = {"optimum": ("k", "-"), "token": ("tab:red", "-"), "bandit": ("tab:blue", "--")}
+    for ax, cls in zip(axes[0], classes):
+        for (learner, beta), d in t[t["class"] == cls].groupby(["learner", "beta"]):
+            g = d.groupby("temperature").subopt
+            m, se = g.mean(), g.std().fillna(0.0) / np.sqrt(g.count())
+            color, ls = styles.get(learner, ("0.5", ":"))
+            ax.errorbar(m.index, m.clip(lower=1e-4), yerr=1.96 * se, color=color, ls=ls, marker="o" if beta ==
+                        betas[0] else "s", ms=3, lw=1, capsize=2, alpha=1.0 if beta == betas[0] else 0.6,
+                        label=f"{learner}, beta={beta:g}")
+        ax.axvline(1.0, color="0.6", lw=0.8)
+        temps = sorted(t.temperature.unique())
+        ax.set(xscale="log", yscale="log", xlabel="sampling temperature T (logits / T)",
+               ylabel="SubOpt_beta of pi_T (exact; floor 1e-4)", title=f"trained at T = 1, sampled at T ({cls}; S24)")
+        ax.set_xticks(temps, [f"{x:g}" for x in temps])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=1e-4)
+        ax.legend(fontsize=5)
+    c = summary["config"]
+    cap = (f"E3 temperature part: Gibbs plug-ins of the token MLE and the bandit MLE on N={c.get('N_temp')} pairs, "
+           f"planned at T = 1 and sampled with per-state logits / T (rto_sim.temperature); mean and 95% CI over "
+           f"{c.get('seeds_temp')} data sets; the optimum pi*_beta for reference; {run_info(summary)}")
+    return save(fig, out, "E3_temperature", cap)
 
 
 def draw_e6(summary: dict, out: Path) -> list[Path]:

@@ -17,7 +17,7 @@ import torch
 from scipy.special import logsumexp
 
 from .core import dpo_token_reward
-from .mdp import Layered, Responses, TokenMDP, check_beta, safe_log
+from .mdp import Layered, Responses, TokenMDP, check_beta, is_real_number, safe_log
 
 MAX_ENUMERATED = 2**16 * 4   # rows (prompts x responses) that `enumerate_responses` accepts by default
 
@@ -58,9 +58,27 @@ def soft_value(log_ref: np.ndarray, q: np.ndarray, beta: float) -> tuple[np.ndar
     """The soft (KL-regularized) optimum over the last axis: V = beta log sum_a pi_ref(a) exp(q(a) / beta) and
     the Gibbs log-policy log pi*(a) = log pi_ref(a) + q(a) / beta - V / beta (computed as z - logsumexp(z)).
     One soft-Bellman backup (q = r + V*(s')), or V*(x) = beta log Z(x) over whole responses (q = R(y))."""
-    z = log_ref + q / beta
-    lse = logsumexp(z, axis=-1)
-    return beta * lse, z - lse[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = log_ref + q / beta
+        lse = logsumexp(z, axis=-1)
+        V, logpi = beta * lse, z - lse[..., None]
+    if not (np.all(np.isfinite(V)) and not np.any(np.isnan(logpi))):
+        _raise_non_finite("the soft-Bellman value beta log sum_a pi_ref exp(q / beta)", q, beta)
+    return V, logpi
+
+
+def _raise_non_finite(what: str, q: np.ndarray, beta: float | None) -> None:
+    """A non-finite result of the exact engine: a ValueError naming the input that caused it."""
+    q = np.asarray(q, dtype=float)
+    if np.any(np.isnan(q)):
+        raise ValueError(f"{what} is NaN: the reward (or theta, or a policy) holds NaN; check the inputs for NaN")
+    qmax = float(np.max(np.abs(q))) if q.size else 0.0
+    if not np.isfinite(qmax) or beta is None:
+        raise ValueError(f"{what} overflows: the reward scale (max |r| = {qmax:.3g}) is too large for float64; "
+                         "rescale the reward")
+    raise ValueError(f"{what} overflows at beta={beta:g}: beta is too small for the reward scale (max |r + V| = "
+                     f"{qmax:.3g}, so q / beta exceeds the float64 range); use beta >= {qmax / 1e300:.3g}, rescale the "
+                     "reward, or use argmax_policy for the beta -> 0 limit")
 
 
 def soft_bellman(mdp: TokenMDP, reward: Layered, beta: float) -> SoftSolution:
@@ -123,24 +141,37 @@ class PolicyValue:
 
 
 def evaluate(mdp: TokenMDP, policy: Layered, reward: Layered, beta: float = 0.0) -> PolicyValue:
-    """Exact return, sequence-level KL(pi || pi_ref) and J_beta of `policy` (beta = 0 allowed here)."""
-    if not np.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    """Exact return, sequence-level KL(pi || pi_ref) and J_beta of `policy` (beta = 0 allowed here). Raises
+    ValueError if a result is not finite (a policy putting mass on a token pi_ref forbids has infinite KL; a
+    reward too large for float64 overflows)."""
+    if not is_real_number(beta) or not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}")
     policy = mdp.check_policy(policy)
     reward = mdp.check_reward(reward)
     Vr, Vk = None, None            # expected future return / KL
     Vs: list = [None] * mdp.H
     Qs: list = [None] * mdp.H
-    for h in range(mdp.H - 1, -1, -1):
-        logp = safe_log(policy[h])
-        kl_tok = _xlogy_ratio(policy[h], logp, mdp.log_pi_ref[h])        # (n_h, A) pi * log(pi/pi_ref)
-        qr = reward[h] + _next_values(mdp, h, Vr)
-        qk = _next_values(mdp, h, Vk)
-        Qs[h] = qr - beta * qk
-        Vr = (policy[h] * qr).sum(axis=1)
-        Vk = kl_tok.sum(axis=1) + (policy[h] * qk).sum(axis=1)
-        Vs[h] = Vr - beta * Vk
+    with np.errstate(over="ignore", invalid="ignore"):
+        for h in range(mdp.H - 1, -1, -1):
+            logp = safe_log(policy[h])
+            kl_tok = _xlogy_ratio(policy[h], logp, mdp.log_pi_ref[h])        # (n_h, A) pi * log(pi/pi_ref)
+            qr = reward[h] + _next_values(mdp, h, Vr)
+            qk = _next_values(mdp, h, Vk)
+            Qs[h] = qr - beta * qk
+            Vr = (policy[h] * qr).sum(axis=1)
+            Vk = kl_tok.sum(axis=1) + (policy[h] * qk).sum(axis=1)
+            Vs[h] = Vr - beta * Vk
     ret_p, kl_p = Vr, Vk
+    if not np.all(np.isfinite(kl_p)):
+        for h in range(mdp.H):
+            off = (policy[h] > 0) & (mdp.log_pi_ref[h] == -np.inf)
+            if np.any(off):
+                s, a = (int(i[0]) for i in np.nonzero(off))
+                raise ValueError(f"KL(policy || pi_ref) is infinite: policy[{h}] puts mass on token {a} in state {s}, "
+                                 "which pi_ref forbids (pi_ref = 0); give the policy zero mass there")
+        raise ValueError("KL(policy || pi_ref) is not finite: pi_ref is too close to 0 where the policy has mass")
+    if not np.all(np.isfinite(ret_p)):
+        _raise_non_finite("the expected return", np.concatenate([r.ravel() for r in reward]), None)
     J_p = ret_p - beta * kl_p
     return PolicyValue(J=float(mdp.rho @ J_p), expected_return=float(mdp.rho @ ret_p), kl=float(mdp.rho @ kl_p),
                        J_per_prompt=J_p, return_per_prompt=ret_p, kl_per_prompt=kl_p, V=Vs, Q=Qs)
@@ -157,13 +188,17 @@ def return_moments(mdp: TokenMDP, policy: Layered, reward: Layered) -> tuple[np.
     policy = mdp.check_policy(policy)
     reward = mdp.check_reward(reward)
     M1, M2 = None, None
-    for h in range(mdp.H - 1, -1, -1):
-        m1n, m2n = _next_values(mdp, h, M1), _next_values(mdp, h, M2)
-        r = reward[h]
-        M1_new = (policy[h] * (r + m1n)).sum(axis=1)
-        M2 = (policy[h] * (r**2 + 2 * r * m1n + m2n)).sum(axis=1)
-        M1 = M1_new
-    return M1, np.maximum(M2 - M1**2, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for h in range(mdp.H - 1, -1, -1):
+            m1n, m2n = _next_values(mdp, h, M1), _next_values(mdp, h, M2)
+            r = reward[h]
+            M1_new = (policy[h] * (r + m1n)).sum(axis=1)
+            M2 = (policy[h] * (r**2 + 2 * r * m1n + m2n)).sum(axis=1)
+            M1 = M1_new
+        var = np.maximum(M2 - M1**2, 0.0)
+    if not (np.all(np.isfinite(M1)) and np.all(np.isfinite(var))):
+        _raise_non_finite("the return variance", np.concatenate([r.ravel() for r in reward]), None)
+    return M1, var
 
 
 def implicit_token_reward(mdp: TokenMDP, policy: Layered, beta: float) -> Layered:
@@ -241,6 +276,9 @@ def rto_reward_table(mdp: TokenMDP, reward: Layered | None = None, log_pi_dpo: L
     `rto_sim.core.compute_rto_rewards`.) The DPO term is `core.dpo_token_reward` (the one definition of
     the clipped DPO token reward) on every (s, a) of each layer, with tokens pi_ref forbids (log pi_ref =
     -inf) masked to 0. beta1 = 0 never reads `log_pi_dpo`."""
+    for name, v in (("beta1", beta1), ("beta3", beta3), ("clip", 1.0 if clip is None else clip)):
+        if not is_real_number(v) or not np.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if beta1 < 0:
         raise ValueError(f"beta1 must be >= 0 (0 switches the DPO term off), got {beta1}")
     out = [np.zeros((n, mdp.A)) for n in mdp.n_states]
@@ -249,10 +287,19 @@ def rto_reward_table(mdp: TokenMDP, reward: Layered | None = None, log_pi_dpo: L
     if beta1 > 0:
         if log_pi_dpo is None:
             raise ValueError("log_pi_dpo is required when beta1 > 0")
+        log_pi_dpo = mdp._layered_arrays(log_pi_dpo, "log_pi_dpo")
+        for h, lp in enumerate(log_pi_dpo):
+            if np.any(np.isnan(lp)) or np.any(lp == np.inf):
+                raise ValueError(f"log_pi_dpo[{h}] holds NaN or +inf: pass log-probabilities (<= 0, -inf for 0)")
         for h in range(mdp.H):
             m = mdp.log_pi_ref[h] > -np.inf
             t = dpo_token_reward(torch.as_tensor(np.where(m, log_pi_dpo[h], 0.0), dtype=torch.float64),
                                  torch.as_tensor(np.where(m, mdp.log_pi_ref[h], 0.0), dtype=torch.float64),
                                  torch.as_tensor(m), beta1=beta1, clip=clip)
             out[h] = out[h] + t.numpy()
+    for h, r in enumerate(out):
+        if not np.all(np.isfinite(r[~mdp.absorbing[h]])):
+            raise ValueError(f"the RTO reward is not finite at layer {h}: log_pi_dpo is -inf (pi_dpo = 0) where pi_ref "
+                             "allows the token (pass clip=c to bound the DPO term, or smooth pi_dpo), or beta3 * "
+                             "reward overflows (rescale it)")
     return mdp.check_reward(out)

@@ -40,10 +40,17 @@ class FeatureMap:
     value: Layered      # H arrays (n_h, A, m) float
 
     def check_theta(self, theta) -> np.ndarray:
-        theta = np.asarray(theta, dtype=float)
+        try:
+            theta = np.asarray(theta, dtype=float)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"theta must be a vector of d={self.d} numbers ({e})") from None
         if theta.shape != (self.d,):
             raise ValueError(f"theta has shape {theta.shape} but the '{self.kind}' features have dimension "
                              f"d={self.d}: pass a vector of shape ({self.d},)")
+        bad = np.flatnonzero(~np.isfinite(theta))
+        if bad.size:
+            raise ValueError(f"theta has NaN or infinite entries at indices {bad[:10].tolist()}: every reward "
+                             "parameter must be a finite number")
         return theta
 
     def token_reward(self, theta) -> Layered:

@@ -289,6 +289,14 @@ def beta_limits(inst: Instance) -> float:
     return float(max(e1, e2, e3))
 
 
+def shaping_is_critic_offset(inst: Instance) -> float:
+    """11. Tree, tabular critic: PPO on RS-PPO's reward from V0 = 0 equals PPO on the sparse reward from V0 = D."""
+    # the PPO trainer (gymnasium, the core) is imported only when this identity runs; automata are lifted to
+    # their prefix tree (the identity is a tree statement, docs/theory.md section 10)
+    from .tabular_ppo import shaping_is_critic_offset as through_trainer
+    return through_trainer(inst.mdp, inst.reward, inst.beta, inst.seed, contrast=False)[0]
+
+
 IDENTITIES = {
     "1_gibbs_equivalence": (gibbs_equivalence, TOL_EXACT),
     "2_dpo_implicit_reward": (dpo_implicit_reward, TOL_EXACT),
@@ -300,4 +308,5 @@ IDENTITIES = {
     "8_performance_difference": (performance_difference, TOL_EXACT),
     "9_rto_limits": (rto_limits, TOL_EXACT),
     "10_beta_limits": (beta_limits, TOL_LIMIT),
+    "11_shaping_is_critic_offset": (shaping_is_critic_offset, TOL_EXACT),
 }

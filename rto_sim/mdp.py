@@ -20,6 +20,7 @@ aggregated automata (where parameters are shared) use this one representation.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,13 +31,47 @@ Layered = list  # list of H numpy arrays, one per layer
 _ABSORB = ("<absorbing>",)
 
 
+# Largest number of (state, token) entries summed over the layers that the constructors build (each layered
+# table, e.g. next_state or log pi_ref, holds this many numbers: 2**25 float64 entries = 256 MiB per table).
+# Raise it (rto_sim.mdp.MAX_TABLE_ENTRIES = ...) on a machine with the memory for more.
+MAX_TABLE_ENTRIES = 2**25
+MAX_HORIZON = 100_000       # every recursion loops over the layers in Python
+
+
 def _check_sizes(A: int, H: int, n_prompts: int) -> None:
-    if not isinstance(A, (int, np.integer)) or A < 2:
+    if isinstance(A, bool) or not isinstance(A, (int, np.integer)) or A < 2:
         raise ValueError(f"A (vocabulary size) must be an integer >= 2, got {A!r}; use A=2 or more")
-    if not isinstance(H, (int, np.integer)) or H < 1:
+    if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1:
         raise ValueError(f"H (horizon) must be an integer >= 1, got {H!r}; use H=1 or more")
-    if not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
+    if H > MAX_HORIZON:
+        raise ValueError(f"H={H:,} layers is more than the limit MAX_HORIZON = {MAX_HORIZON:,} (every recursion loops "
+                         "over the layers): use a smaller H, or raise rto_sim.mdp.MAX_HORIZON")
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be an integer >= 1, got {n_prompts!r}")
+
+
+def _check_table_size(what: str, n_states: int, A: int, fix: str) -> None:
+    """Refuse, before allocating, an MDP whose layered tables would exceed MAX_TABLE_ENTRIES entries."""
+    entries = int(n_states) * int(A)
+    if entries > MAX_TABLE_ENTRIES:
+        def big(n: int) -> str:
+            return f"{n:,}" if n < 10**15 else f"~10^{len(str(n)) - 1}"
+        # ~4 float64 tables: next_state, log pi_ref and the reference-policy temporaries
+        gib = "~" + big(entries * 8 * 4 // 2**30).lstrip("~")
+        raise ValueError(f"{what} would have {big(n_states)} states, i.e. {big(entries)} (state, token) entries per "
+                         f"layered table ({gib} GiB), more than the limit MAX_TABLE_ENTRIES = {MAX_TABLE_ENTRIES:,}; "
+                         f"{fix}, or raise rto_sim.mdp.MAX_TABLE_ENTRIES on a machine with the memory")
+
+
+def _tree_states(P: int, b: int, H: int, eos: bool) -> int:
+    """Number of states of the prefix tree (P prompts, branching b, horizon H, one absorbing state per layer
+    with EOS), computed without building it (exact big-int arithmetic; capped for absurd H)."""
+    extra = H - 1 if eos else 0
+    if b == 1:
+        return P * H + extra
+    if H * np.log2(b) > 4096:
+        return P * 2**4096
+    return P * (b**H - 1) // (b - 1) + extra
 
 
 def _check_rho(rho, n_prompts: int) -> np.ndarray:
@@ -81,6 +116,9 @@ class TokenMDP:
         _check_sizes(A, H, n_prompts)
         P = int(n_prompts)
         b = A - 1 if eos else A                    # branching of live prefixes
+        _check_table_size(f"TokenMDP.tree(A={A}, H={H}, n_prompts={P}, eos={eos})", _tree_states(P, b, H, eos), A,
+                          "use a smaller A, H or n_prompts, or an aggregated automaton (TokenMDP.last_token_automaton, "
+                          "TokenMDP.position), whose recursions cost the same per state")
         live = [P * b**h for h in range(H)]
         n = [live[0]] + [live[h] + (1 if eos else 0) for h in range(1, H)]
         nxt, absorbing, last, prompt = [], [], [], []
@@ -109,6 +147,8 @@ class TokenMDP:
         absorbing. Vectorized."""
         _check_sizes(A, H, n_prompts)
         P = int(n_prompts)
+        _check_table_size(f"TokenMDP.last_token_automaton(A={A}, H={H}, n_prompts={P})", P + (H - 1) * P * A, A,
+                          "use a smaller A, H or n_prompts")
         nxt, absorbing, last, prompt = [], [], [], []
         for h in range(H):
             if h == 0:
@@ -150,12 +190,18 @@ class TokenMDP:
         P = len(initial)
         if len(set(initial)) != P:
             raise ValueError("initial: prompt states must be distinct (one state per prompt)")
+        fix = "use a smaller A or H, or an automaton with fewer states"
+        _check_table_size(f"TokenMDP.from_automaton(A={A}, H={H}) with {P} prompts", P + H - 1, A, fix)
+        total = P
         keys = list(initial)
         last = [np.full(P, -1, np.int64)]
         prompt = [np.arange(P, dtype=np.int64)]
         absorbing = [np.zeros(P, bool)]
         nxt = []
         for h in range(H - 1):
+            # the next layer has at most len(keys) * A states: refuse before building it (Python objects per state)
+            _check_table_size(f"TokenMDP.from_automaton(A={A}, H={H}) (layer {h + 2} may reach {len(keys) * A:,} "
+                              "states)", total + len(keys) * A, A, fix)
             new_keys: list = []
             new_index: dict = {}
             new_last: list = []
@@ -181,6 +227,7 @@ class TokenMDP:
                     t[i, a] = j
             nxt.append(t)
             keys = new_keys
+            total += len(keys)
             last.append(np.array(new_last, np.int64))
             prompt.append(np.array(new_prompt, np.int64))
             absorbing.append(np.array([k == _ABSORB for k in keys], bool))
@@ -289,8 +336,11 @@ class TokenMDP:
     def check_reward(self, reward, name: str = "reward") -> Layered:
         out = []
         for h, r in enumerate(self._layered_arrays(reward, name)):
-            if np.any(~np.isfinite(r)):
-                raise ValueError(f"{name}[{h}] has non-finite entries")
+            bad = ~np.isfinite(r)
+            if np.any(bad):
+                s, a = (int(i[0]) for i in np.nonzero(bad))
+                raise ValueError(f"{name}[{h}] has non-finite entries ({r[s, a]} at state {s}, token {a}): rewards "
+                                 "must be finite numbers; look for NaN or infinity in theta or the reward table")
             r = r.copy()
             r[self.absorbing[h]] = 0.0          # absorbing: zero reward
             out.append(r)
@@ -338,7 +388,18 @@ def safe_log(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def is_real_number(x) -> bool:
+    """A real number (Python or numpy scalar, or a 0-d numeric array); not a bool or a string."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, numbers.Real):
+        return True
+    return isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf"
+
+
 def check_beta(beta: float, name: str = "beta") -> float:
+    if not is_real_number(beta):
+        raise ValueError(f"{name} must be a positive number (KL coefficient), got {beta!r}")
     if not np.isfinite(beta) or beta <= 0:
         raise ValueError(f"{name} must be > 0 (KL coefficient), got {beta!r}; for the unregularized argmax "
                          "use a small positive beta or `argmax_policy`")

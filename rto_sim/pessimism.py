@@ -66,7 +66,7 @@ from .preferences import PreferenceData, trajectory_features
 __all__ = ["ConfidenceSet", "identifiable_basis", "expected_features", "feature_bonus", "pessimistic_reward",
            "pessimistic_policy", "greedy_policy", "MaxMinSolution", "maxmin_policy", "maxmin_objective",
            "theorem42_bound", "b1_bound", "layered_kl", "confidence_radius", "calibrate_rho", "bootstrap_radii",
-           "theory_rho", "asymptotic_rho"]
+           "theory_rho", "asymptotic_rho", "plugin_rho"]
 
 
 # ---------------------------------------------------------------------- geometry
@@ -415,4 +415,29 @@ def asymptotic_rho(d_eff: int, delta: float, slope: float) -> float:
     """Large-N (1 - delta) quantile of ||theta_hat - theta*||_{Sigma_D}: sqrt(chi2_{1-delta}(d_eff) / s)
     (the Fisher information is ~ s Sigma_D with s the mean Bradley-Terry slope over the pairs)."""
     return float(np.sqrt(chi2.ppf(1 - delta, d_eff) / slope))
+
+
+def plugin_rho(fit, basis: np.ndarray, delta: float, n_draws: int = 20_000, seed: int = 0) -> float:
+    """Data-only (1 - delta) quantile of ||P (theta_hat - theta*)||_{Sigma_D} (no theta*): the MLE's large-N law
+    with the Fisher information plugged in at theta_hat. In the identifiable subspace (basis U) the penalized
+    log-likelihood's Hessian at theta_hat is F_U = U^T (sum_i c_i sigma'(<Delta_i, theta_hat>) Delta_i Delta_i^T
+    + lambda I) U, P(theta_hat - theta*) ~ N(0, F_U^-1), and the squared radius is sum_j l_j Z_j^2 with l_j the
+    eigenvalues of S^{1/2} F_U^{-1} S^{1/2}, S = U^T Sigma_D U (all l_j ~ 1/s when the slopes sigma' are equal:
+    `asymptotic_rho`). The quantile of that weighted chi-square is taken from `n_draws` fixed-seed draws."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if fit.sigma_D is None:
+        raise ValueError("fit.sigma_D is None (d too large for a dense Sigma_D)")
+    U = np.asarray(basis, float)
+    D = fit.design
+    z = np.asarray(D @ fit.theta).ravel()
+    s = 1.0 / (1.0 + np.exp(-z))
+    w = fit.counts * s * (1.0 - s)
+    F = np.asarray((D.T @ D.multiply(w[:, None])).todense()) + fit.ridge * np.eye(len(fit.theta))
+    FU = U.T @ F @ U
+    S = U.T @ fit.sigma_D @ U
+    L = np.linalg.cholesky((S + S.T) / 2)
+    lam = np.clip(np.linalg.eigvalsh(L.T @ np.linalg.solve((FU + FU.T) / 2, L)), 0.0, None)
+    draws = (np.random.default_rng(seed).standard_normal((n_draws, len(lam))) ** 2) @ lam
+    return float(np.sqrt(np.quantile(draws, 1 - delta)))
 

@@ -11,8 +11,14 @@
   order: the same grid gives the same numbers with 1 or 16 workers, serial or Ray.
 * Every finished cell is written atomically to `folder/cells/<cell hash>.parquet` by the worker that
   computed it, so a killed sweep restarts where it stopped without losing or recomputing finished
-  cells. `folder/sweep.json` records the grid; a folder written by another grid is refused (nothing
-  is overwritten).
+  cells; the resumed table equals an uninterrupted one row for row. `folder/sweep.json` records the
+  grid; a folder written by another grid is refused (nothing is overwritten). The claim is made under
+  the folder's lock (`rto_sim.results.FolderLock`, held only for the claim, so shards of one grid may
+  run side by side); the temporary files of a killed run are deleted at the next start.
+* A cell file that cannot be read back (truncated, 0 bytes, not parquet, another cell's rows) is
+  recomputed, with a warning naming it.
+* Pool workers die with the sweep's process (Linux: PR_SET_PDEATHSIG; elsewhere a watchdog thread):
+  killing a sweep leaves no orphan workers.
 * The result is tidy: one row per (cell, metric[, labels]) with every cell field, `rng_seed`,
   `cell_hash` and the cell's `wall_time_s`.
 
@@ -25,12 +31,16 @@ A YAML grid file has the keys `axes` and `fixed` (`SweepGrid.from_yaml`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -41,7 +51,17 @@ import yaml
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .results import atomic_write_json, config_hash, write_table
+from .results import (
+    FolderLock,
+    ResultsFolderError,
+    atomic_write_json,
+    check_writable,
+    clean_stale_tmp,
+    config_hash,
+    pid_alive,
+    read_table_file,
+    write_table,
+)
 
 __all__ = ["SweepGrid", "run_sweep", "cell_seed", "cell_key", "BACKENDS"]
 
@@ -89,12 +109,39 @@ class SweepGrid:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike) -> SweepGrid:
-        p = Path(path_or_text)
-        text = p.read_text() if p.suffix in (".yaml", ".yml") and p.exists() else str(path_or_text)
-        obj = yaml.safe_load(text)
+        """A grid from a YAML file (a path, or a one-line string ending in .yaml / .yml) or from YAML text.
+        A missing file, a YAML syntax error or a wrong layout raises ValueError naming the file (and the line)."""
+        text = str(path_or_text)
+        is_path = isinstance(path_or_text, os.PathLike) or ("\n" not in text and Path(text).suffix in (".yaml", ".yml"))
+        if is_path:
+            p = Path(path_or_text)
+            where = f"sweep grid file {p}"
+            try:
+                text = p.read_text()
+            except FileNotFoundError:
+                raise ValueError(f"{where} does not exist: check the path") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where} cannot be read ({e}): pass a readable UTF-8 YAML file") from None
+        else:
+            where = "sweep grid YAML"
+        try:
+            obj = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ValueError(f"{where}: YAML syntax error{at}: {problem}; fix the file (a mapping with keys "
+                             "'axes' and 'fixed')") from None
         if not isinstance(obj, dict) or "axes" not in obj:
-            raise ValueError("a sweep YAML needs a mapping with keys 'axes' (and optionally 'fixed')")
-        return cls(axes=obj["axes"], fixed=obj.get("fixed") or {})
+            raise ValueError(f"{where} needs a mapping with keys 'axes' (and optionally 'fixed'), got "
+                             f"{type(obj).__name__}")
+        unknown = sorted(str(k) for k in obj if k not in ("axes", "fixed"))
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}: only 'axes' and 'fixed' are read")
+        fixed = obj.get("fixed") or {}
+        if not isinstance(fixed, dict):
+            raise ValueError(f"{where}: 'fixed' must be a mapping name -> value, got {fixed!r}")
+        return cls(axes=obj["axes"], fixed=fixed)
 
     def to_dict(self) -> dict:
         return {"axes": self.axes, "fixed": self.fixed}
@@ -145,19 +192,58 @@ def _run_cell(fn: Callable, cell: dict, cells_dir: str) -> tuple[str, int]:
 
 
 def _claim(folder: Path, grid: SweepGrid, fn: Callable) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Claim `folder` for this grid and cell function (under the folder's lock, which is held only for the
+    claim: several shards may run in one folder) and delete the temporary files of killed runs."""
     meta = {"grid_hash": config_hash(grid.to_dict()), "cell_fn": f"{fn.__module__}.{fn.__qualname__}",
             "grid": grid.to_dict()}
     path = folder / "sweep.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("grid_hash") != meta["grid_hash"] or old.get("cell_fn") != meta["cell_fn"]:
-            raise ValueError(f"{folder} holds a sweep of another config (grid hash {old.get('grid_hash')}, cell "
-                             f"function {old.get('cell_fn')}); this sweep has grid hash {meta['grid_hash']}: "
-                             "choose another results folder (nothing was overwritten)")
-    else:
-        atomic_write_json(path, meta)
+    with FolderLock(folder, wait=60.0):
+        removed = clean_stale_tmp(folder)
+        if removed:
+            print(f"sweep {folder}: removed {len(removed)} temporary file(s) of a killed run", file=sys.stderr)
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ResultsFolderError(f"{path} is unreadable ({' '.join(str(e).split())[:120]}): delete it if the "
+                                         f"cells in {folder / 'cells'} belong to this grid (they are kept and "
+                                         "reused), or choose another results folder") from None
+            if old.get("grid_hash") != meta["grid_hash"] or old.get("cell_fn") != meta["cell_fn"]:
+                raise ResultsFolderError(
+                    f"{folder} holds a sweep of another config (grid hash {old.get('grid_hash')}, cell function "
+                    f"{old.get('cell_fn')}); this sweep has grid hash {meta['grid_hash']}: choose another results "
+                    "folder (nothing was overwritten)")
+        else:
+            atomic_write_json(path, meta)
+        (folder / "cells").mkdir(exist_ok=True)
     return folder / "cells"
+
+
+def _read_cell(path: Path, key: str) -> pd.DataFrame:
+    """One finished cell's table; ResultsFolderError if the file is unreadable or not this cell's."""
+    df = read_table_file(path)
+    if "cell_hash" not in df.columns or (len(df) and set(df["cell_hash"]) != {key}):
+        raise ResultsFolderError(f"results file {path} does not hold cell {key} (no cell_hash column, or rows of "
+                                 "another cell): delete it and rerun the sweep")
+    return df
+
+
+def _finished_cells(cells_dir: Path, keys: list[str]) -> dict[str, pd.DataFrame]:
+    """The readable finished cells among `keys`; an unreadable file (truncated, empty, not parquet, another
+    cell's) is reported with a warning naming it and left to be recomputed."""
+    out = {}
+    for key in dict.fromkeys(keys):
+        p = cells_dir / f"{key}.parquet"
+        if not p.exists():
+            continue
+        try:
+            out[key] = _read_cell(p, key)
+        except ResultsFolderError as e:
+            warnings.warn(f"sweep: cell file {p} is unreadable and will be recomputed ({e})", RuntimeWarning,
+                          stacklevel=3)
+    return out
 
 
 def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, workers: int | None = None,
@@ -191,9 +277,10 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
     if validate is not None:
         for c in all_cells:
             validate(c)
+    check_writable(folder)
     cells_dir = _claim(Path(folder), grid, cell_fn)
-    cells_dir.mkdir(exist_ok=True)
-    done = {p.stem for p in cells_dir.glob("*.parquet")}
+    finished = _finished_cells(cells_dir, [cell_key(c) for c in all_cells])
+    done = set(finished)
     todo, seen = [], set()
     for c in todo_cells:
         k = cell_key(c)
@@ -216,7 +303,8 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
         elif backend == "process":
             method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with _single_thread_env(), ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
-                                                            initializer=_worker_init) as ex:
+                                                            initializer=_worker_init,
+                                                            initargs=(os.getpid(),)) as ex:
                 futs = [ex.submit(_run_cell, cell_fn, c, str(cells_dir)) for c in todo]
                 try:
                     for f in as_completed(futs):
@@ -232,18 +320,46 @@ def run_sweep(cell_fn: Callable, grid: SweepGrid, folder: str | os.PathLike, wor
     finally:
         if bar is not None:
             bar.close()
-    return collect(folder, grid)
+    return collect(folder, grid, _finished=finished)
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     """One BLAS / torch thread per worker: several workers on few cores with threaded BLAS inside small
-    L-BFGS problems spin, measured ~80x slower on a loaded 2-core machine."""
+    L-BFGS problems spin, measured ~80x slower on a loaded 2-core machine. And the worker dies with the
+    sweep's process (`_die_with_parent`): a killed sweep leaves no orphan workers."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     threadpool_limits(limits=1)     # process-wide for this worker (forked workers inherit loaded BLAS pools)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when process `parent_pid` dies: on Linux the kernel sends it SIGKILL
+    (prctl PR_SET_PDEATHSIG); elsewhere (or when the worker's parent is not `parent_pid`, e.g. a forkserver)
+    a daemon thread polls the parent every 0.5 s."""
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:      # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while pid_alive(parent_pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rto-sim-parent-watchdog", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -279,12 +395,17 @@ def _run_ray(cell_fn, todo, cells_dir, workers, bar):
             bar.update(len(ready))
 
 
-def collect(folder: str | os.PathLike, grid: SweepGrid) -> pd.DataFrame:
-    """The tidy table of the finished cells of `grid` in `folder` (grid order)."""
+def collect(folder: str | os.PathLike, grid: SweepGrid, _finished: dict | None = None) -> pd.DataFrame:
+    """The tidy table of the finished cells of `grid` in `folder` (grid order). An unreadable cell file
+    raises ValueError naming it (`run_sweep` recomputes such cells instead)."""
     cells_dir = Path(folder) / "cells"
     frames = []
     for c in grid.cells():
-        p = cells_dir / f"{cell_key(c)}.parquet"
+        key = cell_key(c)
+        if _finished is not None and key in _finished:
+            frames.append(_finished[key])
+            continue
+        p = cells_dir / f"{key}.parquet"
         if p.exists():
-            frames.append(pd.read_parquet(p))
+            frames.append(_read_cell(p, key))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

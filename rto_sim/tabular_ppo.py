@@ -39,14 +39,20 @@ Reward modes (`TabularPPOConfig.mode`, the LLM trainer's `rto.mode`; `core.REWAR
     "rs_ppo"          dense DPO rewards minus their (clipped) sum at the last valid token
 Advantages (`advantage_estimator`, the LLM trainer's `ppo.advantage_estimator`): "gae" (critic) or
 "reinforce++" (no critic). `SCHEMES` names the (mode, advantage estimator) pairs the experiments compare:
-the five modes with GAE and "rto_reinforce++" = mode "rto" + advantage_estimator "reinforce++".
+the five modes with GAE, "rto_reinforce++" = mode "rto" + advantage_estimator "reinforce++" and "reinforce++" =
+mode "ppo" + "reinforce++" (REINFORCE++ on the sparse reward: the RPP baseline of RTO's Table 2).
 
-Policies: `TabularPolicy` holds one logit per (layer, state, token), initialized at log pi_ref;
-`TabularCritic` one value per (layer, state), initialized at 0. Both are float64 torch modules.
+Policies: by default `TabularPolicy` (one logit per (layer, state, token), initialized at log pi_ref) and
+`TabularCritic` (one value per (layer, state), initialized at 0); the trainer takes any actor and critic of
+`rto_sim.policies` instead (`LogLinearPolicy` over shared features, `LinearCritic`, a critic started elsewhere), plus
+extra exact evaluations (`eval_rewards`) and a per-update `diagnostics` hook (E7 compares the advantages with the
+exact advantage there). `shaping_is_critic_offset` checks identity 11 (docs/theory.md section 10) through the
+whole trainer.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,77 +60,22 @@ import numpy as np
 import torch
 
 from . import core
-from .exact import enumerate_responses, evaluate, rto_reward_table
+from .exact import enumerate_responses, rto_reward_table
 from .gym_env import TokenMDPVectorEnv
-from .mdp import Layered, TokenMDP, gather
+from .mdp import Layered, TokenMDP, gather, safe_log
+from .policies import MultiEvaluator, TabularCritic, TabularPolicy
 from .sampling import sample_categorical
+
+__all__ = ["SCHEMES", "TabularPolicy", "TabularCritic", "TabularPPOConfig", "TabularPPOTrainer", "Rollout",
+           "PPOResult", "train_ppo", "scheme_reward_table", "delimiter_mask", "prefix_dpo_sum",
+           "shaping_is_critic_offset"]
 
 # experiment label -> TabularPPOConfig settings (E7's table rows and the tests iterate over these)
 SCHEMES = {"ppo": {"mode": "ppo"}, "rto": {"mode": "rto"}, "semi_rto": {"mode": "semi_rto"},
            "ddpo": {"mode": "ddpo"}, "rs_ppo": {"mode": "rs_ppo"},
-           "rto_reinforce++": {"mode": "rto", "advantage_estimator": "reinforce++"}}
-_NEG = -1e9           # logit of tokens pi_ref forbids (exp underflows to exactly 0 in float64)
+           "rto_reinforce++": {"mode": "rto", "advantage_estimator": "reinforce++"},
+           "reinforce++": {"mode": "ppo", "advantage_estimator": "reinforce++"}}
 DTYPE = torch.float64
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tabular actor and critic
-# ---------------------------------------------------------------------------------------------------
-
-
-class TabularPolicy(torch.nn.Module):
-    """Softmax policy with one logit per (layer, state, token): pi(a | s) = softmax(logits[flat(s)])_a.
-
-    logits: parameter (S, A) with S = sum_h n_h, initialized at log pi_ref (or `init_log_policy`);
-    tokens with pi_ref(a|s) = 0 get a fixed -1e9 (probability exactly 0, no gradient).
-    """
-
-    def __init__(self, mdp: TokenMDP, init_log_policy: Layered | None = None):
-        super().__init__()
-        self.mdp = mdp
-        self.offsets = mdp.flat_offsets()
-        init = mdp.log_pi_ref if init_log_policy is None else init_log_policy
-        lp = np.concatenate([np.asarray(x, float) for x in init], axis=0)
-        allowed = np.concatenate(mdp.log_pi_ref, axis=0) > -np.inf
-        self.register_buffer("allowed", torch.as_tensor(allowed))
-        self.logits = torch.nn.Parameter(torch.as_tensor(np.where(allowed & np.isfinite(lp), lp, 0.0), dtype=DTYPE))
-
-    def log_probs_all(self, flat_states: torch.Tensor) -> torch.Tensor:
-        """(..., A) log pi(. | s) for flat state indices of any shape."""
-        z = torch.where(self.allowed[flat_states], self.logits[flat_states], torch.full((), _NEG, dtype=DTYPE))
-        return torch.log_softmax(z, dim=-1)
-
-    def log_probs(self, flat_states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(B, T) log pi(a_t | s_t); logits gathered then `core.gather_logprobs` (temperature 1)."""
-        z = torch.where(self.allowed[flat_states], self.logits[flat_states], torch.full((), _NEG, dtype=DTYPE))
-        return core.gather_logprobs(z, actions)
-
-    @torch.no_grad()
-    def layered_log_policy(self) -> Layered:
-        """log pi as a layered list of (n_h, A) numpy arrays (absorbing rows forced to delta_EOS)."""
-        lp = self.log_probs_all(torch.arange(int(self.offsets[-1]))).numpy()
-        out = [lp[self.offsets[h]:self.offsets[h + 1]].copy() for h in range(self.mdp.H)]
-        for h, x in enumerate(out):
-            x[x <= _NEG / 2] = -np.inf
-            if self.mdp.absorbing[h].any():
-                x[self.mdp.absorbing[h]] = -np.inf
-                x[self.mdp.absorbing[h], self.mdp.eos] = 0.0
-        return out
-
-    def layered_policy(self) -> Layered:
-        """pi as a layered list of (n_h, A) numpy arrays."""
-        return [np.exp(x) for x in self.layered_log_policy()]
-
-
-class TabularCritic(torch.nn.Module):
-    """One value per (layer, state): V(s) = values[flat(s)], initialized at 0 (V after the last token is 0)."""
-
-    def __init__(self, mdp: TokenMDP):
-        super().__init__()
-        self.values = torch.nn.Parameter(torch.zeros(int(mdp.flat_offsets()[-1]), dtype=DTYPE))
-
-    def forward(self, flat_states: torch.Tensor) -> torch.Tensor:
-        return self.values[flat_states]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,20 +252,22 @@ def scheme_reward_table(mdp: TokenMDP, mode: str, rm_reward: Layered, log_pi_dpo
 @dataclass
 class PPOResult:
     """curve: one dict per evaluation (update 0 = the initial policy pi_ref) with the exact J_true,
-    gold_return, kl_ref, rm_return, dpo_reward (E_pi of the clipped beta1 DPO reward sum) and, for updates
-    >= 1, rollout statistics: score_mean, seq_kl_k1, dpo_reward_sampled, response_length, pg_loss, vf_loss,
-    clipfrac, approxkl, ratio_first (max |rho - 1| on the first minibatch: exactly 0), explained_variance.
+    gold_return, kl_ref, rm_return, dpo_reward (E_pi of the clipped beta1 DPO reward sum), J_<name> for every
+    extra table of `eval_rewards` and, for updates >= 1, rollout statistics: score_mean, seq_kl_k1,
+    dpo_reward_sampled, response_length, pg_loss, vf_loss, clipfrac, approxkl, ratio_first (max |rho - 1| on the
+    first minibatch: exactly 0), explained_variance, and whatever the `diagnostics` hook returned.
     policy / critic: trained modules; config: the TabularPPOConfig as a dict; wall_time_s."""
 
     curve: list = field(default_factory=list)
-    policy: TabularPolicy | None = None
-    critic: TabularCritic | None = None
+    policy: torch.nn.Module | None = None
+    critic: torch.nn.Module | None = None
     config: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
 
 
 class TabularPPOTrainer:
-    """PPO with the RTO reward on a tabular policy (module docstring gives the numbered loop).
+    """PPO with the RTO reward on a softmax policy over the states of a layered MDP (module docstring gives the
+    numbered loop).
 
     Args:
         mdp: the TokenMDP; pi_ref = mdp.pi_ref.
@@ -324,26 +277,39 @@ class TabularPPOTrainer:
         log_pi_dpo: layered log pi_dpo (the DPO policy, trained against pi_ref); needed when the
             mode has a DPO term and beta1 > 0.
         config: TabularPPOConfig.
+        policy: the actor (default `TabularPolicy(mdp)`; any `rto_sim.policies` actor, e.g. `LogLinearPolicy`).
+            It must start at pi_ref: pi_ref is a frozen copy of it.
+        critic: the critic module (default `TabularCritic(mdp)` when the advantage estimator uses one; any
+            `rto_sim.policies` critic, e.g. `LinearCritic`, or `TabularCritic(mdp, init=...)` started elsewhere).
+        eval_rewards: {name: layered reward table}: the exact J_beta2 of each is added to every evaluation as
+            J_<name> (e.g. the objective the arm optimizes).
+        diagnostics: optional hook f(trainer, rollout, update) -> dict, called after step 5 of every update; its
+            entries are added to that update's curve row (e.g. advantage estimates against the exact advantage).
     """
 
     def __init__(self, mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None,
-                 config: TabularPPOConfig):
+                 config: TabularPPOConfig, policy: torch.nn.Module | None = None,
+                 critic: torch.nn.Module | None = None, eval_rewards: dict | None = None, diagnostics=None):
         self.mdp, self.cfg = mdp, config
         self.true_reward = mdp.check_reward(true_reward)
         self.rm_reward = mdp.check_reward(rm_reward)
         self.uses_dpo = config.mode != "ppo" and config.beta1 > 0
         if self.uses_dpo and log_pi_dpo is None:
             raise ValueError(f"log_pi_dpo is required for mode={config.mode!r} with beta1 > 0")
+        if critic is not None and not config.uses_critic:
+            raise ValueError(f"a critic was given but advantage_estimator={config.advantage_estimator!r} uses none")
         self.log_pi_dpo = log_pi_dpo
         self.offsets = mdp.flat_offsets()
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.env = TokenMDPVectorEnv(mdp, config.batch_size)
-        self.policy = TabularPolicy(mdp)
+        self.policy = TabularPolicy(mdp) if policy is None else policy
         # pi_ref is a frozen copy of the initial policy (as on the LLM side), so at initialization
         # log pi_old and log pi_ref are bit-identical and the k1 KL reward is exactly 0.
-        self.ref_policy = TabularPolicy(mdp).requires_grad_(False)
-        self.critic = TabularCritic(mdp) if config.uses_critic else None
+        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        if critic is None and config.uses_critic:
+            critic = TabularCritic(mdp)
+        self.critic = critic
         opt = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
         self.opt_actor = opt(self.policy.parameters(), lr=config.lr)
         self.opt_critic = opt(self.critic.parameters(), lr=config.critic_lr) if self.critic else None
@@ -354,6 +320,15 @@ class TabularPPOTrainer:
         if log_pi_dpo is not None and config.beta1 > 0:
             self._dpo_table = rto_reward_table(mdp, None, log_pi_dpo, beta1=config.beta1, beta3=0.0,
                                                clip=config.dpo_clip)
+        # exact evaluation: every table in one backward recursion (true reward, RM, DPO reward, extras)
+        self._eval_names = ["true", "rm"] + (["dpo"] if self._dpo_table is not None else [])
+        tables = [self.true_reward, self._rm] + ([self._dpo_table] if self._dpo_table is not None else [])
+        self.eval_rewards = dict(eval_rewards or {})
+        for name, table in self.eval_rewards.items():
+            self._eval_names.append(f"J_{name}")
+            tables.append(mdp.check_reward(table, f"eval_rewards[{name!r}]"))
+        self._evaluator = MultiEvaluator(mdp, tables)
+        self.diagnostics = diagnostics
 
     # 1. generate ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -362,11 +337,11 @@ class TabularPPOTrainer:
         layer-wise, actions (B, H), mask (B, H)."""
         B, H = self.cfg.batch_size, self.mdp.H
         states, actions, mask = (np.zeros((B, H), np.int64), np.zeros((B, H), np.int64), np.zeros((B, H), bool))
+        probs = torch.exp(self.policy.log_probs_all(torch.arange(int(self.offsets[-1])))).numpy()   # (S, A)
         obs, info = self.env.reset(seed=int(self.rng.integers(2**31)))
         prompt = info["prompt"]
         for h in range(H):
-            p = torch.exp(self.policy.log_probs_all(torch.as_tensor(obs))).numpy()    # (B, A)
-            a = sample_categorical(p, self.rng)
+            a = sample_categorical(probs[obs], self.rng)
             obs, _, _, _, info = self.env.step(a)
             states[:, h], actions[:, h], mask[:, h] = info["state"], a, info["valid"]
         return prompt, states, actions, mask
@@ -444,14 +419,18 @@ class TabularPPOTrainer:
 
     # 7. exact evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Exact J_true = E[r*] - beta2 KL, gold return E_pi r*, KL(pi || pi_ref), and the exact
-        expected DPO reward sum E_pi sum_t clip(beta1 log pi_dpo/pi_ref) (Fig. 6 analogue)."""
-        pol = self.policy.layered_policy()
-        ev = evaluate(self.mdp, pol, self.true_reward, beta=self.cfg.beta2)
-        out = {"J_true": ev.J, "gold_return": ev.expected_return, "kl_ref": ev.kl}
-        out["rm_return"] = evaluate(self.mdp, pol, self._rm, beta=0.0).expected_return
-        if self._dpo_table is not None:
-            out["dpo_reward"] = evaluate(self.mdp, pol, self._dpo_table, beta=0.0).expected_return
+        """Exact J_true = E[r*] - beta2 KL, gold return E_pi r*, KL(pi || pi_ref), the RM return, the exact
+        expected DPO reward sum E_pi sum_t clip(beta1 log pi_dpo/pi_ref) (Fig. 6 analogue) and J_<name> =
+        E_pi R_name - beta2 KL for the tables of `eval_rewards` (one recursion for all of them)."""
+        ret, kl = self._evaluator(self.policy.layered_policy())
+        vals = dict(zip(self._eval_names, ret))
+        b2 = self.cfg.beta2
+        out = {"J_true": float(vals["true"] - b2 * kl), "gold_return": float(vals["true"]), "kl_ref": kl,
+               "rm_return": float(vals["rm"])}
+        if "dpo" in vals:
+            out["dpo_reward"] = float(vals["dpo"])
+        for name in self.eval_rewards:
+            out[f"J_{name}"] = float(vals[f"J_{name}"] - b2 * kl)
         return out
 
     def train(self) -> PPOResult:
@@ -469,6 +448,7 @@ class TabularPPOTrainer:
         curve = [{"update": 0, **self.evaluate()}]
         for u in range(1, self.cfg.n_updates + 1):
             roll = self.make_experience()                       # 1.-5.
+            extra = self.diagnostics(self, roll, u) if self.diagnostics is not None else {}
             stats = self.ppo_epochs(roll)                        # 6.
             terms = roll.terms
             seq_kl = core.masked_sum(terms.kl, roll.mask, dim=-1)
@@ -478,15 +458,80 @@ class TabularPPOTrainer:
                    "response_length": float(roll.mask.sum(-1).double().mean()), **stats}
             if roll.values is not None:
                 row["explained_variance"] = float(core.explained_variance(roll.values, roll.returns, roll.mask))
+            row.update(extra)
             curve.append(row)
         return PPOResult(curve=curve, policy=self.policy, critic=self.critic, config=asdict(self.cfg),
                          wall_time_s=time.perf_counter() - t0)
 
 
 def train_ppo(mdp: TokenMDP, true_reward: Layered, rm_reward: Layered, log_pi_dpo: Layered | None = None,
-              config: TabularPPOConfig | None = None, **overrides) -> PPOResult:
-    """Run PPO/RTO (see `TabularPPOTrainer`); keyword overrides go to `TabularPPOConfig`."""
+              config: TabularPPOConfig | None = None, policy=None, critic=None, eval_rewards=None, diagnostics=None,
+              **overrides) -> PPOResult:
+    """Run PPO/RTO (see `TabularPPOTrainer`, which takes policy, critic, eval_rewards and diagnostics);
+    keyword overrides go to `TabularPPOConfig`."""
     cfg = config if config is not None else TabularPPOConfig(**overrides)
     if config is not None and overrides:
         cfg = TabularPPOConfig(**{**asdict(config), **overrides})
-    return TabularPPOTrainer(mdp, true_reward, rm_reward, log_pi_dpo, cfg).train()
+    return TabularPPOTrainer(mdp, true_reward, rm_reward, log_pi_dpo, cfg, policy=policy, critic=critic,
+                             eval_rewards=eval_rewards, diagnostics=diagnostics).train()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Potential shaping = critic offset (docs/theory.md section 10), through the whole trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+def prefix_dpo_sum(tree: TokenMDP, log_pi_dpo: Layered, beta1: float, dpo_clip: float | None = None) -> Layered:
+    """D(s): the sum of the (clipped) DPO token rewards clip(beta1 log pi_dpo/pi_ref) paid along the prefix BEFORE
+    state s, layered (n_h,), on a prefix TREE (each live state has one parent); 0 at the prompts and in absorbing
+    states. RS-PPO's reward is PPO's shaped by this potential (with D = 0 after the last token)."""
+    if tree.kind != "tree":
+        raise ValueError("prefix_dpo_sum needs a prefix tree: on an automaton the prefix sum is not a state function")
+    table = rto_reward_table(tree, None, log_pi_dpo, beta1=beta1, beta3=0.0, clip=dpo_clip)
+    D = [np.zeros(n) for n in tree.n_states]
+    for h in range(tree.H - 1):
+        live = ~tree.absorbing[h][:, None] & (tree.log_pi_ref[h] > -np.inf)
+        if tree.eos is not None:
+            live[:, tree.eos] = False                     # EOS leads to the shared absorbing state (D = 0)
+        child = tree.next_state[h][live]
+        D[h + 1][child] = (D[h][:, None] + table[h])[live]
+    return D
+
+
+def shaping_is_critic_offset(mdp: TokenMDP, reward: Layered, beta: float, seed: int, n_updates: int = 2,
+                             beta1: float = 0.5, contrast: bool = True) -> tuple[float, float]:
+    """Identity (docs/theory.md section 10) through the whole trainer on the prefix tree (an automaton is lifted to
+    its tree with the same pi_ref): PPO on RS-PPO's reward with the tabular critic started at 0 and PPO on the
+    sparse reward with the critic started at the prefix DPO sum D (`prefix_dpo_sum`) give the same iterates.
+    Both runs use the same seed (same rollout RNG), a random pi_dpo and a deliberately large beta1; whitening,
+    value clipping, gradient clipping and Adam are all on.
+
+    Returns (error, contrast): error = max over updates of |J_true(RS-PPO, V0 = 0) - J_true(PPO, V0 = D)| and
+    over (s, a) of the final |log pi| difference; contrast = the same J distance between RS-PPO and PPO when
+    both critics start at 0 (> 0: the identity is not a triviality; nan unless `contrast`)."""
+    from .learners import lift_to_tree
+
+    if mdp.kind == "tree":
+        tree, r = mdp, mdp.check_reward(reward)
+    else:
+        tree, smap = lift_to_tree(mdp)
+        r = tree.check_reward([np.asarray(reward[h])[smap[h]] for h in range(mdp.H)])
+    log_dpo = [np.where(tree.log_pi_ref[h] > -np.inf, safe_log(p), -np.inf)
+               for h, p in enumerate(tree.random_policy(seed=seed + 17))]
+    cfg = TabularPPOConfig(mode="rs_ppo", beta1=beta1, beta2=beta, n_updates=n_updates, batch_size=16, epochs=1,
+                           n_minibatches=2, lr=0.1, critic_lr=0.1, seed=seed)
+    D = prefix_dpo_sum(tree, log_dpo, beta1)
+    shaped = TabularPPOTrainer(tree, r, r, log_dpo, cfg).train()
+    offset = TabularPPOTrainer(tree, r, r, log_dpo, TabularPPOConfig(**{**asdict(cfg), "mode": "ppo"}),
+                               critic=TabularCritic(tree, init=D)).train()
+    J = lambda res: np.array([row["J_true"] for row in res.curve])  # noqa: E731
+    err = float(np.abs(J(shaped) - J(offset)).max())
+    for a, b in zip(shaped.policy.layered_log_policy(), offset.policy.layered_log_policy()):
+        ok = np.isfinite(a) & np.isfinite(b)
+        err = max(err, float(np.abs(a[ok] - b[ok]).max()) if ok.any() else 0.0)
+        if np.any(np.isfinite(a) != np.isfinite(b)):
+            err = float("inf")
+    if not contrast:
+        return err, float("nan")
+    plain = TabularPPOTrainer(tree, r, r, log_dpo, TabularPPOConfig(**{**asdict(cfg), "mode": "ppo"})).train()
+    return err, float(np.abs(J(shaped) - J(plain)).max())

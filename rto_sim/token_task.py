@@ -349,6 +349,7 @@ class TokenTask:
         return {
             "format": FORMAT, "A": self.A, "H": self.H, "n_prompts": self.n_prompts, "rho": self.rho.tolist(),
             "eos": self.eos, "structure": rec["structure"], "ref_temperature": rec["ref_temperature"],
+            "eos_logit": rec.get("eos_logit", 0.0),
             "features": {"kind": self.features.kind, "dim": rec["feature_dim"], "d": self.features.d},
             "theta": self.theta.tolist(), "return_var": rec["return_var"], "beta": self.beta,
             "seeds": dict(rec["seeds"]), "token_words": list(self.token_words),
@@ -385,7 +386,8 @@ class TokenTask:
         task = make_token_task(
             d["A"], d["H"], d["n_prompts"], structure=d["structure"], feature_kind=feats.get("kind"),
             feature_dim=feats.get("dim"), return_var=d["return_var"], beta=d["beta"], rho=d["rho"],
-            ref_temperature=d["ref_temperature"], seeds=seeds, token_words=d["token_words"],
+            ref_temperature=d["ref_temperature"], eos_logit=d.get("eos_logit", 0.0), seeds=seeds,
+            token_words=d["token_words"],
             prompt_words=d["prompt_words"], theta=d["theta"])
         if task.features.d != feats.get("d", task.features.d):
             raise ValueError(f"task.json: features.d={feats.get('d')} but the rebuilt features have d="
@@ -415,12 +417,14 @@ class TokenTask:
 
 def make_token_task(A: int, H: int, n_prompts: int = 1, *, structure: str = "tree", feature_kind: str = "unigram",
                     feature_dim: int | None = None, return_var: float = 1.0, beta: float = 1.0, rho=None,
-                    ref_temperature: float = 1.0, seed: int = 0, seeds: dict | None = None, token_words=None,
-                    prompt_words=None, theta=None) -> TokenTask:
+                    ref_temperature: float = 1.0, eos_logit: float = 0.0, seed: int = 0, seeds: dict | None = None,
+                    token_words=None, prompt_words=None, theta=None) -> TokenTask:
     """Build a serializable task: the MDP (`structure` in tree / last_token / position, with EOS, pi_ref drawn
     at `ref_temperature`), the features of `feature_kind` and theta* by `draw_theta` (return variance
-    `return_var` under pi_ref), unless `theta` is given. Seeds: `seeds` = {"mdp", "features", "theta"} or
-    derived from `seed` (seed, seed + 1, seed + 2)."""
+    `return_var` under pi_ref), unless `theta` is given. `eos_logit` is added to the EOS logit of pi_ref in every
+    live state (then renormalized; theta* is drawn under the shifted pi_ref): a negative value makes responses
+    longer, so that the horizon H is actually used. Seeds: `seeds` = {"mdp", "features", "theta"} or derived from
+    `seed` (seed, seed + 1, seed + 2)."""
     if structure not in STRUCTURES:
         raise ValueError(f"structure {structure!r} is not one of {STRUCTURES}")
     if feature_kind not in FEATURE_KINDS:
@@ -431,11 +435,21 @@ def make_token_task(A: int, H: int, n_prompts: int = 1, *, structure: str = "tre
     build = {"tree": TokenMDP.tree, "last_token": TokenMDP.last_token_automaton, "position": TokenMDP.position}
     mdp = build[structure](A, H, n_prompts=n_prompts, eos=True, rho=rho, ref_temperature=ref_temperature,
                            seed=seeds["mdp"])
+    if not np.isfinite(eos_logit):
+        raise ValueError(f"eos_logit must be a finite number, got {eos_logit!r}")
+    if eos_logit != 0.0:
+        shifted = []
+        for p in mdp.pi_ref:
+            q = p.copy()
+            q[:, mdp.eos] *= np.exp(eos_logit)
+            q /= q.sum(axis=1, keepdims=True)
+            shifted.append(q)
+        mdp = mdp.with_reference(mdp.force_absorbing(shifted))
     features = make_features(mdp, feature_kind, d=feature_dim, seed=seeds["features"])
     if theta is None:
         theta = draw_theta(mdp, features, return_var=return_var, seed=seeds["theta"])
-    recipe = {"structure": structure, "ref_temperature": float(ref_temperature), "feature_dim": feature_dim,
-              "return_var": float(return_var), "seeds": seeds}
+    recipe = {"structure": structure, "ref_temperature": float(ref_temperature), "eos_logit": float(eos_logit),
+              "feature_dim": feature_dim, "return_var": float(return_var), "seeds": seeds}
     return TokenTask(mdp=mdp, features=features, theta=np.asarray(theta, float), beta=beta,
                      token_words=token_words, prompt_words=prompt_words, recipe=recipe)
 

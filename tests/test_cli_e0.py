@@ -9,18 +9,20 @@ import pytest
 
 from rto_sim.cli import main
 from rto_sim.experiments import run_experiment
+from rto_sim.identities import IDENTITIES
 
 
 def test_e0_quick_writes_table_and_summary(tmp_path):
     assert main(["experiment", "E0", "--out", str(tmp_path), "--quick", "--format", "csv"]) == 0
     summary = json.loads((tmp_path / "E0" / "summary.json").read_text())
     assert summary["all_pass"]
-    assert len(summary["checks"]) == 10
+    assert set(summary["checks"]) == set(IDENTITIES) | {"12_markov_beats_predetermined", "13_dpo_residual_stochastic"}
     for c in summary["checks"].values():
-        assert c["verdict"] == "pass" and c["measured"] <= c["tolerance"]
+        assert c["verdict"] == "pass" and c["measured"] <= c["tolerance"] and c["kind"] == "identity"
+    assert summary["checks"]["12_markov_beats_predetermined"]["paper"].startswith("RTO Proposition C.2")
     df = pd.read_csv(tmp_path / "E0" / "results.csv")
     assert {"identity", "structure", "A", "H", "eos", "beta", "max_abs_error", "config_hash"} <= set(df.columns)
-    assert set(df.structure) == {"tree", "last_token", "random_automaton"}
+    assert set(df.structure) == {"tree", "last_token", "random_automaton", "stochastic"}
 
 
 def test_results_folder_of_another_config_is_refused(tmp_path):

@@ -194,11 +194,13 @@ def ids():
 
 
 def test_docs_define_the_numbered_ids(ids):
-    assert ids[("theory", "section")] == set(range(1, 12))
-    assert ids[("theory", "identity")] == set(range(1, 11))
-    assert ids[("theory", "prediction")] == set(range(1, 15))
-    assert ids[("practice", "section")] == set(range(1, 6))
-    assert ids[("practice", "invariant")] == set(range(1, 19))
+    """Every id from 1 up to the largest is defined (no gaps), and at least the ids that existed when this test was
+    written (new ids are appended by other work, so the upper ends only grow)."""
+    least = {("theory", "section"): 11, ("theory", "identity"): 10, ("theory", "prediction"): 19,
+             ("practice", "section"): 5, ("practice", "invariant"): 18}
+    for key, n in least.items():
+        assert ids[key] == set(range(1, max(ids[key]) + 1)), (key, sorted(ids[key]))
+        assert max(ids[key]) >= n, (key, sorted(ids[key]))
 
 
 def test_repository_citations_resolve():
@@ -218,10 +220,10 @@ def test_the_scan_sees_the_citing_files():
     ("pinned by docs/practice.md invariant 42", "practice invariant 42"),
     ("docs/theory.md section 12", "theory section 12"),
     ("docs/practice.md sections 1-6", "practice section 6"),
-    ("as identity 11 says", "theory identity 11"),
-    ("identities 1-12", "theory identity 12"),
-    ("prediction S15 (not yet defined)", "theory prediction 15"),
-    ("predictions S12-S16", "theory prediction 16"),
+    ("as identity 91 says", "theory identity 91"),
+    ("identities 90-92", "theory identity 92"),
+    ("prediction S95 (not yet defined)", "theory prediction 95"),
+    ("predictions S92-S96", "theory prediction 96"),
     ("docs/theory.md I0", "theory identity 0"),
     ("docs/practice.md INV19", "practice invariant 19"),
     ("invariants 7, 9, 10,\n 13, 16, 19", "practice invariant 19"),

@@ -17,13 +17,16 @@ def e1_quick(tmp_path_factory):
 def test_e1_quick_robust_predictions(e1_quick):
     summary, out = e1_quick
     checks = summary["checks"]
+    assert summary["quick"]
     for cls in e1.Config.quick().reward_classes:
         s1 = checks[f"S1_{cls}"]
-        assert -0.55 <= s1["measured"] <= -0.45, (cls, s1)        # S1: token RMSE ~ N^-1/2
-        assert s1["verdict"] == "pass"
-        assert checks[f"S5_{cls}"]["measured"]["identity_max_abs_err"] < 1e-8   # gap = beta KL exactly
+        assert -0.55 <= s1["measured"]["slope"] <= -0.45, (cls, s1)   # S1: token RMSE ~ N^-1/2
+        assert s1["verdict"] != "fail" and s1["kind"] == "prediction"  # the quick grid may lack the power to pass
+        assert checks[f"S5_slope_{cls}"]["verdict"] != "fail"
+    assert checks["S5_gap_identity"]["measured"] < 1e-8 and checks["S5_gap_identity"]["kind"] == "identity"
     s7 = checks["S7"]
     assert s7["verdict"] == "pass" and s7["measured"] < 1e-5       # tree-tabular == bandit
+    assert s7["kind"] == "identity" and checks["S3_tree_tabular"]["kind"] == "identity"
     assert (out / "E1" / "aggregate.csv").exists() and (out / "E1" / "results.parquet").exists()
     json.loads((out / "E1" / "summary.json").read_text())
 
@@ -39,8 +42,10 @@ def test_e1_quick_rerun_is_resumed_and_identical(e1_quick):
 def test_e1b_quick(tmp_path):
     summary = run_experiment("E1b", tmp_path, quick=True)
     c = summary["checks"]
-    assert c["S4_growth"]["verdict"] == "pass"                   # sqrt(K) growth while N/K >= 20
-    assert abs(c["S4_token"]["measured"]) <= 0.1                 # token error flat in H
+    assert c["S4_growth"]["verdict"] != "fail"                   # sqrt(K) growth while N/K >= 20
+    assert abs(c["S4_growth"]["measured"]["slope"] - 0.5) <= 0.1
+    assert abs(c["S4_token"]["measured"]["slope"]) <= 0.1        # token error flat in H
+    assert c["S4_plateau"]["kind"] == "identity"
     assert set(c) == {"S4_growth", "S4_overfit", "S4_plateau", "S4_token"}
     drift = (tmp_path / "E1b" / "bt_slope_drift.csv").read_text().splitlines()
     assert len(drift) == 1 + len(e1b.Config.quick().H)

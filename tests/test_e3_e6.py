@@ -11,16 +11,22 @@ from rto_sim.experiments import e3, e6
 
 def small_e3() -> e3.Config:
     return replace(e3.Config.quick(), N_gibbs=(250, 1000), seeds_gibbs=2, bandit_max_N=250, bandit_seeds=1,
-                   N_argmax=(10, 30), seeds_argmax=10, N_pess=(250,), cal_seeds=5, eval_seeds=4)
+                   N_argmax=(10, 30), seeds_argmax=10, N_pess=(250, 1000), cal_seeds=5, eval_seeds=4,
+                   temperatures=(0.5, 1.0, 2.0), N_temp=500, seeds_temp=3)
 
 
 def test_e3_quick_grid_runs_and_s6_sign(tmp_path):
     cfg = small_e3()
     df = e3.run(cfg, tmp_path)
     checks = e3.checks(df, cfg)
-    assert set(df.part) == {"gibbs", "argmax", "pess", "rho"}
+    assert set(df.part) == {"gibbs", "argmax", "pess", "rho", "temperature"}
     ids = set(checks)
-    assert {"S5_identity", "S6_unigram", "S9_coverage_unigram", "S9_theorem42_random", "S9_b1_random"} <= ids
+    assert {"S5_identity", "S6_unigram", "S25_coverage_unigram", "S25_theorem42_random", "S25_b1_random",
+            "S25_event_implies_bound_unigram", "S9_first_term_random", "S24_tempered_gap_identity",
+            "S24_ranking_unigram", "S24_best_at_training_T_random"} <= ids
+    assert checks["S24_tempered_gap_identity"].verdict == "pass"
+    assert checks["S25_event_implies_bound_random"].verdict == "pass"
+    assert checks["S25_theorem42_random"].paper.startswith("RTO Theorem 4.2")
     assert all(c.verdict in ("pass", "fail", "inconclusive") for c in checks.values())
     # S5 identity is exact
     assert checks["S5_identity"].verdict == "pass"
@@ -58,7 +64,8 @@ def test_e6_quick_grid_runs(tmp_path):
     df = e6.run(cfg, tmp_path)
     checks = e6.checks(df, cfg)
     assert {"S10_tracks_coverage", "S10_tracks_coverage_b1", "S10_span", "S10_pessimism_vs_greedy",
-            "S10_bounds"} == set(checks)
+            "S25_bounds", "S25_event_implies_bound"} == set(checks)
+    assert checks["S25_event_implies_bound"].verdict == "pass" and checks["S25_event_implies_bound"].kind == "identity"
     # the copy law never identifies part of R(y*): its error stays near the floor, far above the independent law's
     big = df[df.N == 1000].groupby("law").err_star.mean()
     floor = df[df.law == "copy"].err_floor.iloc[0]

@@ -1,4 +1,4 @@
-"""Tests for experiments E5 (overoptimization, S14) and E7 (practical RTO, S12/S13)."""
+"""Tests for experiments E5 (overoptimization, S14) and E7 (practical RTO: S12, S13_beta1_zero and S20-S23)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from rto_sim import TokenMDP, draw_theta, enumerate_responses, make_features, soft_bellman
 from rto_sim.experiments import e5, e7, run_experiment
+from rto_sim.experiments.e7_data import max_logpolicy_diff
 from rto_sim.tabular_ppo import scheme_reward_table
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_s12_exact_planning_equalities_on_a_tree(clip):
         pol[scheme] = soft_bellman(mdp, table, 0.1).log_policy
 
     def diff(a, b):
-        return e7._max_logpolicy_diff(pol[a], pol[b])
+        return max_logpolicy_diff(pol[a], pol[b])
 
     assert diff("rto", "semi_rto") < 1e-10
     assert diff("rto", "ddpo") < 1e-10
@@ -92,14 +93,27 @@ def test_s12_redistributions_are_not_markov_on_aggregated_states():
     assert s_rto == 0.0 and s_ddpo > 1e-3
 
 
-def test_e7_quick_runs_and_s12_holds(tmp_path):
+def test_e7_quick_runs_end_to_end(tmp_path):
+    """The quick grid end to end: identities pass, every prediction of S20-S23 has a verdict, the table holds one
+    progress curve per (cell, critic, mode) and the data part's chosen ridges."""
     summary = run_experiment("E7", tmp_path, quick=True)
     checks = summary["checks"]
     for k in ("S12_shaped", "S12_rs_ppo", "S12_aggregated", "S13_beta1_zero"):
-        assert checks[k]["verdict"] == "pass", (k, checks[k])
+        assert checks[k]["verdict"] == "pass" and checks[k]["kind"] == "identity", (k, checks[k])
     assert checks["S12_shaped"]["measured"] < 1e-10
-    assert {"S13_asymptote", "S13_dense_faster"} <= set(checks)
-    df = __import__("pandas").read_parquet(tmp_path / "E7" / "results.parquet")
-    curves = df[(df.section == "curves") & (df.metric == "J_true")]
     cfg = e7.Config.quick()
-    assert len(curves) == cfg.seeds * len(cfg.schemes) * (cfg.n_updates + 1)
+    for critic in cfg.critics:
+        for prefix in ("S20_asymptote", "S21_speedup", "S22_snr"):
+            assert checks[f"{prefix}_{critic}"]["kind"] == "prediction"
+    for dpo in cfg.dpos:
+        assert {f"S23_data_ppo_{dpo}", f"S23_data_converged_{dpo}"} <= set(checks)
+        assert checks[f"S23_data_ppo_{dpo}"]["paper"]
+    assert all(c["verdict"] in ("pass", "fail", "inconclusive") for c in checks.values())
+    df = __import__("pandas").read_parquet(tmp_path / "E7" / "results.parquet")
+    prog = df[(df.section == "speed") & (df.metric == "progress")]
+    n_runs = sum(len(cfg.modes) * sum(1 for c in cfg.critics if c != "tree_tabular" or H <= cfg.tree_max_H)
+                 for H in cfg.horizons) * cfg.seeds
+    assert len(prog) == n_runs * (cfg.n_updates["loglinear"] + 1)
+    ridges = df[(df.section == "data") & (df.metric == "ridge")]
+    assert len(ridges) == cfg.data_seeds * len(cfg.fractions) * (len(cfg.rms) + len(cfg.dpos))
+    assert set(ridges.value) <= set(cfg.rm_ridges) | set(cfg.dpo_ridges)

@@ -243,3 +243,62 @@ def test_dpo_with_eos_keeps_absorbing_rows():
             np.testing.assert_allclose(p[ab, mdp.eos], 1.0)
     r = fit.implicit_reward()
     assert all(np.all(r[h][mdp.absorbing[h]] == 0) for h in range(mdp.H))
+
+
+@pytest.mark.parametrize("eos, P, ridge", [(False, 1, 1e-3), (True, 2, 1e-3), (False, 2, 1.0), (True, 1, 0.1)])
+def test_dpo_tree_solver_reaches_the_logit_objective_optimum(eos, P, ridge):
+    """solver="tree" (sequence coordinates) stops at the same first-order condition of the logit objective as the
+    logit solver: converged by the logit gradient, the same objective value and policy where the minimum is unique
+    (data that cover every response; the ridge objective is not convex in general and near MLE non-existence may
+    have several local minima, which the two paths can reach differently)."""
+    mdp = TokenMDP.tree(3, 3, n_prompts=P, eos=eos, seed=5)
+    phi = make_features(mdp, "tabular")
+    data = sample_preferences(mdp, phi.token_reward(draw_theta(mdp, phi, return_var=1.0, seed=6)), 3000, seed=7)
+    a = fit_tabular_dpo(data, mdp, beta=0.5, ridge=ridge)
+    b = fit_tabular_dpo(data, mdp, beta=0.5, ridge=ridge, solver="tree")
+    auto = fit_tabular_dpo(data, mdp, beta=0.5, ridge=ridge, solver="auto")
+    assert b.converged and b.grad_norm <= 1e-9
+    assert b.loss == pytest.approx(a.loss, rel=1e-10, abs=1e-8)
+    for h in range(mdp.H):
+        np.testing.assert_allclose(np.exp(b.log_policy[h]), np.exp(a.log_policy[h]), atol=1e-5)
+        np.testing.assert_array_equal(b.log_policy[h], auto.log_policy[h])
+        if mdp.absorbing[h].any():                     # absorbing rows stay delta_EOS
+            np.testing.assert_array_equal(b.log_policy[h][mdp.absorbing[h]], mdp.log_pi_ref[h][mdp.absorbing[h]])
+    # a warm start from the answer needs (almost) no iterations
+    assert fit_tabular_dpo(data, mdp, beta=0.5, ridge=ridge, solver="tree", init=b.policy).n_iter <= 5
+
+
+def test_dpo_tree_solver_refuses_automata_and_bad_names():
+    mdp = TokenMDP.position(3, 3, seed=2)
+    phi = make_features(mdp, "positional")
+    data = sample_preferences(mdp, phi.token_reward(draw_theta(mdp, phi, seed=3)), 100, seed=4)
+    with pytest.raises(ValueError, match="prefix-tree"):
+        fit_tabular_dpo(data, mdp, beta=1.0, solver="tree")
+    with pytest.raises(ValueError, match="solver"):
+        fit_tabular_dpo(data, mdp, beta=1.0, solver="newton")
+    # "auto" on an automaton is the logit solver
+    a = fit_tabular_dpo(data, mdp, beta=1.0, ridge=0.1)
+    b = fit_tabular_dpo(data, mdp, beta=1.0, ridge=0.1, solver="auto")
+    assert a.loss == b.loss and a.n_iter == b.n_iter
+
+
+@pytest.mark.parametrize("eos, P", [(False, 1), (True, 2)])
+def test_token_mle_tree_solver_same_unique_optimum(eos, P):
+    """Tabular features on a tree: solver="tree" solves the same strictly convex problem (unique optimum)."""
+    mdp = TokenMDP.tree(3, 4, n_prompts=P, eos=eos, seed=8)
+    phi = make_features(mdp, "tree_tabular")
+    data = sample_preferences(mdp, phi.token_reward(draw_theta(mdp, phi, return_var=1.0, seed=9)), 400, seed=10)
+    a = fit_token_mle(data, phi, ridge=1e-2)
+    b = fit_token_mle(data, phi, ridge=1e-2, solver="tree", mdp=mdp)
+    c = fit_token_mle(data, phi, ridge=1e-2, solver="auto", mdp=mdp)
+    assert b.converged and b.grad_norm <= 5e-9           # L-BFGS-B may stop on its f-tolerance just above 1e-9
+    np.testing.assert_allclose(b.theta, a.theta, atol=1e-5)
+    np.testing.assert_array_equal(b.theta, c.theta)
+    assert b.loss == pytest.approx(a.loss, rel=1e-12)
+    # auto keeps plain L-BFGS where the tree path does not apply (other features, ridge 0, a ball)
+    uni = make_features(mdp, "unigram")
+    assert fit_token_mle(data, uni, solver="auto", mdp=mdp).n_iter == fit_token_mle(data, uni).n_iter
+    assert fit_token_mle(data, phi, ridge=0.0, solver="auto", mdp=mdp).n_iter == \
+        fit_token_mle(data, phi, ridge=0.0).n_iter
+    with pytest.raises(ValueError, match="solver='tree'"):
+        fit_token_mle(data, uni, solver="tree", mdp=mdp)

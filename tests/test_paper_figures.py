@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 EXPECTED = ["E0_identities", "E2_prop32_queries", "E1_token_vs_bandit", "E1b_error_vs_H", "E3_policy_quality",
-            "E6_coverage", "E7_learning_curves", "E7_data_scaling", "E7_beta1_and_dpo_reward",
+            "E3_temperature",
+            "E6_coverage", "E7_learning_curves", "E7_speedup_vs_H", "E7_advantage_snr", "E7_data_scaling",
+            "E7_beta_sweep",
             "E5_overoptimization", "DPO_token_reward_heatmap", "LLM_ppo_vs_rto"]
 
 

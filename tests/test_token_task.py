@@ -179,3 +179,32 @@ def test_module_imports_neither_torch_nor_transformers():
     assert roots <= {"__future__", "json", "os", "dataclasses", "numpy", "scipy"}, roots
     code = "import sys, rto_sim.token_task; sys.exit(1 if 'transformers' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_eos_logit_makes_responses_longer_and_round_trips(tmp_path):
+    """eos_logit adds to pi_ref's EOS logit in every live state (then renormalizes); theta* is drawn under the
+    shifted reference (return variance as asked); task.json rebuilds it; a task.json without the key is eos_logit 0."""
+    base = make_token_task(3, 6, 2, structure="last_token", feature_kind="bigram", return_var=0.5, seed=3)
+    long = make_token_task(3, 6, 2, structure="last_token", feature_kind="bigram", return_var=0.5, eos_logit=-2.0,
+                           seed=3)
+    for h in range(6):
+        live = ~long.mdp.absorbing[h]
+        p, q = base.mdp.pi_ref[h][live], long.mdp.pi_ref[h][live]
+        odds = lambda x: x[:, -1] / x[:, :-1].sum(axis=1)   # noqa: E731
+        assert np.allclose(odds(q), np.exp(-2.0) * odds(p), rtol=1e-12)
+        assert np.allclose(q[:, :-1] / q[:, :-1].sum(1, keepdims=True), p[:, :-1] / p[:, :-1].sum(1, keepdims=True))
+    e, f = base.enumerate(), long.enumerate()
+    mean_len = [float((np.exp(x.log_pi_ref) * x.length).sum() / 2) for x in (e, f)]
+    assert mean_len[1] > mean_len[0] + 1
+    R, w = f.returns.reshape(2, -1), np.exp(f.log_pi_ref).reshape(2, -1)
+    var = (w * (R - (w * R).sum(1, keepdims=True)) ** 2).sum(1)
+    assert var.mean() == pytest.approx(0.5, rel=1e-6)
+    path = tmp_path / "task.json"
+    long.to_json(str(path))
+    back = TokenTask.from_json(str(path))
+    assert np.array_equal(back.enumerate().log_pi_ref, f.log_pi_ref) and back.recipe["eos_logit"] == -2.0
+    d = json.loads(base.to_json())
+    d.pop("eos_logit")
+    assert TokenTask.from_dict(d).recipe["eos_logit"] == 0.0
+    with pytest.raises(ValueError, match="eos_logit"):
+        make_token_task(3, 3, 1, eos_logit=float("nan"))

@@ -8,9 +8,12 @@ Every experiment module (registered in `EXPERIMENTS`) exposes
                              results folder (for sweep cells and side files)
     checks(table, cfg)       -> {check id: Check}, built from one small function per prediction; it reads
                              only `table` and `cfg`, so a saved table can be checked again
+    validate_config(cfg)     (optional) raises ValueError naming the field for a bad config; called before
+                             anything is written
 
 `run_experiment` owns the bookkeeping: it builds the config, applies `--set` overrides type-checked against
-the field types, claims the folder, runs, checks, and writes the table and `summary.json` atomically.
+the field types, validates the whole config, locks and claims the folder, runs, checks, and writes the table
+and `summary.json` atomically.
 README.md ("Adding an experiment") shows a minimal module.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import time
 import types
 import typing
@@ -71,6 +75,10 @@ def check_overrides(cfg, overrides: dict, name: str = "this experiment") -> dict
     hints = typing.get_type_hints(type(cfg))
     out = {}
     for key, value in overrides.items():
+        if _non_finite(value):
+            example = json.dumps(getattr(cfg, key), separators=(",", ":"))
+            raise ValueError(f"config key {key!r} must hold finite numbers, got {value!r} (NaN and infinity are "
+                             f"refused); for example --set {key}={example}")
         try:
             out[key] = _convert(value, hints[key])
         except TypeError:
@@ -121,26 +129,73 @@ def _describe(tp) -> str:
             type(None): "null"}.get(tp, str(tp))
 
 
+COUNT_FIELDS = ("seeds", "workers")    # contract-level: where a Config has them, integers >= 1
+
+
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def check_config(name: str, cfg) -> None:
+    """Every check of a Config that can be made before anything runs or is written: numbers are finite,
+    `seeds` / `workers` are integers >= 1, then the experiment's own `validate_config(cfg)` if it has one.
+    Raises ValueError naming the field and the fix."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _non_finite(value):
+            raise ValueError(f"config key {f.name!r} of {name} must hold finite numbers, got {value!r}; "
+                             f"for example --set {f.name}={json.dumps(getattr(type(cfg)(), f.name))}")
+        if f.name in COUNT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config key {f.name!r} of {name} must be an integer >= 1, got {value!r}; for example "
+                             f"--set {f.name}=3")
+    own = getattr(get_experiment(name), "validate_config", None)
+    if own is not None:
+        own(cfg)
+
+
 def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",
                    overwrite: bool = False, **overrides) -> dict:
-    """Run one experiment into `out/name/`; returns the summary dict."""
-    # imported here so that the registry (and `rto-sim --help`) does not load pandas
-    from ..results import atomic_write_json, claim_folder, config_hash, single_thread_blas, write_table
+    """Run one experiment into `out/name/`; returns the summary dict.
 
+    Order of events: the whole config is built and validated (types, finiteness, the experiment's own
+    `validate_config`) and `out` is checked to be a writable folder path before anything is written; then the
+    folder is locked and claimed (`rto_sim.results.claimed_folder`: refused if another run holds it or if it
+    holds results of another config; `overwrite` deletes the old results before the new config.json is
+    written); a run that fails before producing any result leaves nothing behind."""
+    # imported here so that the registry (and `rto-sim --help`) does not load pandas
+    from ..results import (
+        atomic_write_json,
+        check_writable,
+        claimed_folder,
+        config_hash,
+        single_thread_blas,
+        write_table,
+    )
+
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"format must be 'parquet' or 'csv', got {fmt!r}")
     mod = get_experiment(name)
     cfg = make_config(name, quick, **overrides)
+    check_config(name, cfg)
     cfg_json = config_dict(cfg)
     folder = Path(out) / name
-    claim_folder(folder, cfg_json, overwrite=overwrite)
-    t0 = time.perf_counter()
-    with single_thread_blas():
-        table = mod.run(cfg, folder)
-        checks = mod.checks(table, cfg)
-    wall = time.perf_counter() - t0
-    table = table.assign(experiment=name, config_hash=config_hash(cfg_json))
-    write_table(table, folder / "results", fmt)
-    summary = {"experiment": name, "quick": quick, "config_hash": config_hash(cfg_json), "wall_time_s": wall,
-               "config": cfg_json, "checks": {k: c.to_dict() for k, c in checks.items()},
-               "all_pass": all(c.verdict == "pass" for c in checks.values())}
-    atomic_write_json(folder / "summary.json", summary)
+    check_writable(folder)
+    with claimed_folder(folder, cfg_json, overwrite=overwrite):
+        t0 = time.perf_counter()
+        with single_thread_blas():
+            table = mod.run(cfg, folder)
+            checks = mod.checks(table, cfg)
+        wall = time.perf_counter() - t0
+        table = table.assign(experiment=name, config_hash=config_hash(cfg_json))
+        write_table(table, folder / "results", fmt)
+        summary = {"experiment": name, "quick": quick, "config_hash": config_hash(cfg_json), "wall_time_s": wall,
+                   "config": cfg_json, "checks": {k: c.to_dict() for k, c in checks.items()},
+                   "all_pass": all(c.verdict == "pass" for c in checks.values())}
+        atomic_write_json(folder / "summary.json", summary)
     return summary

@@ -24,6 +24,8 @@ from ..results import Check
 from ..search import make_instance, run_instance
 
 PRIMARY = "token_best_first_known_queries"
+PAPER_32 = ("RTO Proposition 3.2: under Assumption 3.1 a token-level learner finds y* with A^min(xi+1, H) reward "
+            "queries, a sentence-level learner needs A^H")
 
 
 @dataclass(frozen=True)
@@ -86,50 +88,58 @@ def _token_cols(df: pd.DataFrame) -> list[str]:
 
 
 def check_sentence(df: pd.DataFrame) -> Check:
+    """S11 (identity): a black-box sentence learner certifies argmax pi_e with exactly A^H queries (it must query
+    every response; counted by construction)."""
     n = len(df)
     ok = int((df.sentence_queries == df.K).sum())
     return Check(
         quantity="sentence-level black-box queries to certify argmax pi_e", predicted="exactly A^H",
         measured=f"{ok}/{n} instances equal A^H", tolerance="exact", verdict="pass" if ok == n else "fail",
+        kind="identity",
         note="counted by the oracle. A sentence learner that also used sum_y pi_e(y) = 1 could stop early: "
              f"median {np.median(df.sentence_mass_aware_queries / df.K):.3f} of A^H in lexicographic order "
              "(column sentence_mass_aware_queries); the A^H count assumes a generic black-box sentence reward.")
 
 
 def check_exact(df: pd.DataFrame) -> Check:
+    """S11 (identity): every learner returns the brute-force argmax (correctness of the search code)."""
     n = len(df)
     ex = int(df[[c for c in df.columns if c.endswith("_exact")]].all(axis=1).sum())
     return Check(
         quantity="every learner returns y* = argmax pi_e (checked against brute force)", predicted="all",
         measured=f"{ex}/{n}", tolerance="|log pi_e(y) - log p*| <= 1e-9", verdict="pass" if ex == n else "fail",
+        kind="identity",
         note=f"learners: sentence and {', '.join(_token_cols(df))}")
 
 
 def check_corrected_bound(df: pd.DataFrame) -> Check:
+    """S11 (identity): the proved bound min(A^H, H A^(xi+1) + A^xi) on best-first token queries."""
     q = df[PRIMARY]
     within = q <= df.corrected_bound * (1 + 1e-12)
     return Check(
         quantity="token queries (best_first/known) <= min(A^H, H A^(xi+1) + A^xi), real xi",
         predicted="all instances", measured=f"{int(within.sum())}/{len(df)}; max ratio to the bound "
                                             f"{(q / df.corrected_bound).max():.3f}",
-        tolerance="exact count", verdict="pass" if within.all() else "fail",
+        tolerance="exact count", verdict="pass" if within.all() else "fail", kind="identity",
         note="the bound follows from best-first order: every query's first new prefix is a child of a prefix with "
              "P >= p*, and at most A^xi prefixes per depth have P >= A^-xi. Other learners: " + "; ".join(
                  f"{c}: {int((df[c] > df.corrected_bound * (1 + 1e-12)).sum())} above" for c in _token_cols(df)))
 
 
 def check_instance_bounds(df: pd.DataFrame) -> Check:
+    """S11 (identity): the proved instance-level lower and upper bounds on the token queries."""
     q = df[PRIMARY]
     inst_ok = (df.instance_lower_bound <= q) & (q <= df.instance_upper_bound)
     return Check(
         quantity="A*#{k<H: P(v)>p*} (max over depths) <= token queries <= A*#{depth<H: P(v)>=p*}",
         predicted="all instances", measured=f"{int(inst_ok.sum())}/{len(df)}", tolerance="exact count",
-        verdict="pass" if inst_ok.all() else "fail",
+        verdict="pass" if inst_ok.all() else "fail", kind="identity",
         note="instance-level version of the corrected bound (rto_sim.search.instance_lower/upper_bound); the upper "
              "one implies the corrected bound")
 
 
 def check_paper_upper(df: pd.DataFrame) -> Check:
+    """S11 (prediction, the paper's Proposition 3.2): token queries <= A^min(xi+1, H) on every instance."""
     n, q = len(df), df[PRIMARY]
     above = q > df.paper_bound * (1 + 1e-12)
     above_ceil = q > df.paper_bound_ceil * (1 + 1e-12)
@@ -137,7 +147,7 @@ def check_paper_upper(df: pd.DataFrame) -> Check:
     return Check(
         quantity="instances whose token query count exceeds the paper's A^min(xi+1,H) (real xi)",
         predicted=0, measured=int(above.sum()), tolerance=0,
-        verdict="pass" if not above.any() else "fail",
+        verdict="pass" if not above.any() else "fail", paper=PAPER_32,
         note=f"{int(above.sum())}/{n} instances exceed the paper's count with the real xi, {int(above_ceil.sum())}/{n} "
              f"with the integer ceiling of xi; max ratio {worst:.2f}. Families: "
              + ", ".join(f"{k}: {v}" for k, v in df[above].family.value_counts().items())
@@ -148,6 +158,7 @@ def check_paper_upper(df: pd.DataFrame) -> Check:
 
 
 def check_paper_lower(df: pd.DataFrame) -> Check:
+    """S11 (prediction, our reading of the paper's count as a lower end): token queries >= A^min(xi+1, H)."""
     n, q = len(df), df[PRIMARY]
     below = q < df.paper_bound * (1 - 1e-12)
     nondeg = df.p_star < 1 - 1e-12
@@ -163,6 +174,7 @@ def check_paper_lower(df: pd.DataFrame) -> Check:
 
 
 def check_h1_equal(df: pd.DataFrame) -> Check:
+    """S11 (identity): with H = 1 a token query is a sentence query, so the counts are equal."""
     h1 = df[df.H == 1]
     nd = h1[h1.p_star < 1 - 1e-12]
     token_cols = _token_cols(df)
@@ -174,6 +186,7 @@ def check_h1_equal(df: pd.DataFrame) -> Check:
     return Check(
         quantity="H = 1: token queries equal sentence queries", predicted="all non-degenerate (p* < 1) H=1 instances",
         measured=f"{int(eq.sum())}/{len(nd)}", tolerance="exact", verdict="pass" if len(nd) and eq.all() else "fail",
+        kind="identity",
         note="with H = 1 a token query reveals exactly the sentence reward: the 'known'-rule token learners match the "
              "black-box sentence learner (A queries) and the 'residual'-rule ones match the mass-aware sentence "
              "learner. "
@@ -183,6 +196,7 @@ def check_h1_equal(df: pd.DataFrame) -> Check:
 
 
 def check_no_separation(df: pd.DataFrame) -> Check:
+    """S11 (identity): for xi >= H - 1 the token count keeps the proved floor (A-1)/A^3 of A^H."""
     hi = df[(df.xi >= df.H - 1 - 1e-9) & (df.H >= 2)]
     lo = df[(df.xi < df.H - 1 - 1e-9) & (df.H >= 2)]
     ratio_hi = hi[PRIMARY] / hi.K
@@ -195,6 +209,7 @@ def check_no_separation(df: pd.DataFrame) -> Check:
                   f"xi < H-1 ({len(lo)} instances): median {(lo[PRIMARY] / lo.K).median():.3f}")
         if len(hi) else "no instance with xi >= H-1",
         tolerance="every ratio >= (A-1)/A^3", verdict="pass" if ok_hi else ("inconclusive" if not len(hi) else "fail"),
+        kind="identity",
         note="with p* <= A^-(H-1), prefixes of depth H-2 with P <= p* hold at most 1/A of the mass, so >= (1-1/A) "
              "A^(H-3) of them have P > p* and all their children must be revealed. The count stays a large fraction "
              "of A^H but can be A-fold below it (tail family: deterministic last token)")
