@@ -12,7 +12,7 @@ OUT    ?= results
 # Many small numpy/scipy fits: threaded BLAS oversubscribes small machines (measured 80x slower under load).
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: figures test lint bench clean-venv
+.PHONY: figures test lint bench clean-venv quickstart
 
 # torch: an installed torch (e.g. a GPU user's CUDA build) is never replaced; otherwise the version in
 # constraints.txt is installed, from $(TORCH_INDEX) when set (README "Installing torch").
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile tools/ensure_torch.py
 
 figures: $(STAMP)
 	$(PY) -m paper_figures --out $(OUT)
+
+# the RTO pipeline end to end on a token task with an exact gold reward (examples/quickstart, a few minutes on CPU)
+quickstart: $(STAMP)
+	$(PY) -m rto_llm.quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,14 @@ BOS, UNK, prompt words): such responses have no gold reward. ``valid_mass`` (pol
   :func:`tree_policy` (the cross-check in tests/llm/test_exact_eval.py). The DPO reward uses the restricted
   models too.
 
+**Cache.** With ``cache=True`` (the default) the enumerated log-probs of each model are kept (a weak reference
+to the model object, one entry per task, tokenizer ids and prompt selection) together with a fingerprint of
+its parameters: identity, version counter, storage pointer and float64 sum of every parameter, and the
+adapter switches of a peft model. A model whose fingerprint is unchanged is not run again: the frozen
+reference (and DPO model) of a training run costs one forward pass over the enumeration for the whole run,
+and evaluating the same policy twice costs one. Any in-place update (optimizer step, ``load_state_dict``,
+EMA) changes the fingerprint (tested); ``cache=False`` always recomputes.
+
 **Large tasks.** Above ``max_enumerated`` rows (prompts x responses) ``method="auto"`` switches to sampled
 estimates (``n_samples`` responses per prompt from pi and from pi_ref, pure sampling), logs a warning and
 says so in ``method`` and ``notes``; every quantity then has a standard error in ``se``. J* is a
@@ -53,6 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -236,6 +245,50 @@ def enumerated_logprobs(model, task: TokenTask, tokenizer, prompts, actions: np.
     return out[0], out[1]
 
 
+_LOGPROB_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> {key: (fingerprint, raw, res)}
+
+
+def model_fingerprint(model) -> tuple:
+    """What the enumerated log-probs of ``model`` depend on besides the inputs: every parameter's identity,
+    version counter (bumped by every in-place update), storage pointer, shape and float64 sum, and the adapter
+    switches of peft layers. Equal fingerprints mean the same function (module docstring, "Cache")."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in params]).cpu().numpy().tobytes() \
+            if params else b""
+    ids = tuple((id(p), p._version, p.data_ptr(), tuple(p.shape), str(p.dtype)) for p in params)
+    adapters = tuple((name, bool(getattr(m, "_disable_adapters", False)), str(getattr(m, "active_adapter", "")))
+                     for name, m in model.named_modules() if hasattr(m, "_disable_adapters"))
+    return ids, sums, adapters
+
+
+def _cached_enumerated_logprobs(model, task: TokenTask, tokenizer, prompts, actions, length, batch_size: int,
+                                cache: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`enumerated_logprobs`, served from the cache when the model's fingerprint is unchanged."""
+    if not cache:
+        return enumerated_logprobs(model, task, tokenizer, prompts, actions, length, batch_size)
+    key = (task.A, task.H, task.eos, tuple(map(tuple, prompt_token_ids(tokenizer, task))),
+           tuple(action_token_ids(task).tolist()), np.asarray(prompts).tobytes(), np.asarray(actions).tobytes(),
+           np.asarray(length).tobytes())
+    fp = model_fingerprint(model)
+    try:
+        entries = _LOGPROB_CACHE.setdefault(model, {})
+    except TypeError:                         # not weak-referenceable: no cache
+        return enumerated_logprobs(model, task, tokenizer, prompts, actions, length, batch_size)
+    hit = entries.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1].copy(), hit[2].copy()
+    raw, res = enumerated_logprobs(model, task, tokenizer, prompts, actions, length, batch_size)
+    entries.clear()                           # one entry per model: the newest
+    entries[key] = (fp, raw.copy(), res.copy())
+    return raw, res
+
+
+def clear_cache() -> None:
+    """Forget every cached enumeration (module docstring, "Cache")."""
+    _LOGPROB_CACHE.clear()
+
+
 @dataclass
 class TreePolicy:
     """A neural policy on the task's prefix tree: ``tree`` (`TokenMDP.tree` carrying the task's pi_ref and
@@ -389,7 +442,7 @@ def _agg_se(w: np.ndarray, se: np.ndarray) -> float:
 def evaluate_policy(policy, reference, task, beta: float | None = None, *, tokenizer=None, dpo_model=None,
                     beta_dpo: float | None = None, restrict_to_task: bool = False, prompts=None,
                     method: str = "auto", max_enumerated: int = DEFAULT_MAX_ENUMERATED, n_samples: int = 512,
-                    seed: int = 0, batch_size: int = 512) -> ExactEvalResult:
+                    seed: int = 0, batch_size: int = 512, cache: bool = True) -> ExactEvalResult:
     """Evaluate ``policy`` against ``reference`` on ``task`` (module docstring).
 
     Args:
@@ -403,6 +456,8 @@ def evaluate_policy(policy, reference, task, beta: float | None = None, *, token
         method: "auto" (exact up to ``max_enumerated`` rows, else sampled with a warning), "exact", "sampled".
         n_samples: responses per prompt and model in the sampled mode.
         seed: seeds the sampled mode (and a sampled win rate).
+        cache: reuse the enumerated log-probs of a model whose parameters did not change (exact mode; module
+            docstring, "Cache").
     """
     task = load_task(task)
     beta = task.beta if beta is None else beta
@@ -438,18 +493,19 @@ def evaluate_policy(policy, reference, task, beta: float | None = None, *, token
     args = (policy, reference, tokenizer, task, beta, dpo_model, beta_dpo, restrict_to_task, sel, w, seed,
             batch_size, notes)
     if method == "exact":
-        return _evaluate_exact(*args)
+        return _evaluate_exact(*args, cache=cache)
     return _evaluate_sampled(*args, n_samples)
 
 
 def _evaluate_exact(policy, reference, tokenizer, task, beta, dpo_model, beta_dpo, restrict, sel, w, seed,
-                    batch_size, notes) -> ExactEvalResult:
+                    batch_size, notes, cache: bool = True) -> ExactEvalResult:
     K = task.num_responses
     tr = task.enumerate(max_rows=task.n_prompts * K)
     keep = np.isin(tr.prompt, sel)
     prompt, actions, length, R = tr.prompt[keep], tr.actions[keep], tr.length[keep], tr.returns[keep]
-    lp_raw, lp_res = enumerated_logprobs(policy, task, tokenizer, prompt, actions, length, batch_size)
-    lq_raw, lq_res = enumerated_logprobs(reference, task, tokenizer, prompt, actions, length, batch_size)
+    lp_raw, lp_res = _cached_enumerated_logprobs(policy, task, tokenizer, prompt, actions, length, batch_size, cache)
+    lq_raw, lq_res = _cached_enumerated_logprobs(reference, task, tokenizer, prompt, actions, length, batch_size,
+                                                 cache)
     shape = (len(sel), K)
     lp_raw, lq_raw, Rm = lp_raw.reshape(shape), lq_raw.reshape(shape), R.reshape(shape)
     m_p, m_q = logsumexp(lp_raw, axis=1), logsumexp(lq_raw, axis=1)    # log raw valid mass per prompt
@@ -462,7 +518,8 @@ def _evaluate_exact(policy, reference, tokenizer, task, beta, dpo_model, beta_dp
         pv, qv = lp_raw - m_p[:, None], lq_raw - m_q[:, None]
     dpo_ratio = ld = None
     if dpo_model is not None:
-        ld_raw, ld_res = enumerated_logprobs(dpo_model, task, tokenizer, prompt, actions, length, batch_size)
+        ld_raw, ld_res = _cached_enumerated_logprobs(dpo_model, task, tokenizer, prompt, actions, length, batch_size,
+                                                     cache)
         ld = (ld_res if restrict else ld_raw).reshape(shape)
         dpo_ratio = ld - (qv if restrict else lq_raw)
     rng = np.random.default_rng(seed)
@@ -591,5 +648,5 @@ def evaluate_task_dir(task_dir: str, policy: str, reference: str | None = None, 
     return evaluate_policy(policy, reference, task_dir, **kw)
 
 
-__all__ = ["DEFAULT_MAX_ENUMERATED", "ExactEvalResult", "TreePolicy", "enumerated_logprobs", "evaluate_policy",
-           "evaluate_task_dir", "sequence_logprobs", "tree_policy"]
+__all__ = ["DEFAULT_MAX_ENUMERATED", "ExactEvalResult", "TreePolicy", "clear_cache", "enumerated_logprobs",
+           "evaluate_policy", "evaluate_task_dir", "model_fingerprint", "sequence_logprobs", "tree_policy"]
