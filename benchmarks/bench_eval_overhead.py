@@ -6,7 +6,7 @@ Target (issue 11, item 3): evaluation at ``eval.every = 10`` costs less than 10%
     .venv/bin/python benchmarks/bench_eval_overhead.py --hidden 128 --reps 5
 
 Both runs use the same seeds and data, and evaluation leaves training bitwise unchanged (tested in
-tests/llm_ppo/test_eval.py), so they do the same training work; the runs are interleaved (no-eval, eval, then
+tests/rto_llm/ppo/test_eval.py), so they do the same training work; the runs are interleaved (no-eval, eval, then
 eval, no-eval, ...) so that load changes on a shared machine hit both alike. The timed span is ``train()``
 (model loading excluded). Evaluation: at the start (step 0), every ``--every`` rollouts and after the last one,
 on ``--eval-prompts`` prompts (default: as many as a rollout), with the RM win rate (one reference response per

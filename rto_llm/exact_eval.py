@@ -32,7 +32,7 @@ BOS, UNK, prompt words): such responses have no gold reward. ``valid_mass`` (pol
 - ``restrict_to_task=True``: every next-token distribution is renormalized over the task's A tokens
   (the model with all other logits set to -inf; sampling then draws only task tokens). This is a policy on
   the task's prefix tree, so the results equal `rto_sim.exact` recursions on the tabular policy of
-  :func:`tree_policy` (the cross-check in tests/llm/test_exact_eval.py). The DPO reward uses the restricted
+  :func:`tree_policy` (the cross-check in tests/rto_llm/test_exact_eval.py). The DPO reward uses the restricted
   models too.
 
 **Cache.** With ``cache=True`` (the default) the enumerated log-probs of each model are kept (a weak reference

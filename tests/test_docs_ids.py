@@ -210,7 +210,8 @@ def test_repository_citations_resolve():
 
 def test_the_scan_sees_the_citing_files():
     files = repository_files()
-    for name in ("README.md", "rto_sim/identities.py", "tests/llm_ppo/test_invariants.py", "tests/test_core.py"):
+    for name in ("README.md", "rto_sim/identities.py", "tests/rto_llm/ppo/test_invariants.py",
+                 "tests/rto_sim/core/test_core.py"):
         assert name in files
     assert not NOT_SCANNED & set(files)
 

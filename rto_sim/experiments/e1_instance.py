@@ -56,7 +56,7 @@ class Instance:
         self._W = None
         # d_eff by SVD; for tabular features on a TREE above max_dim the SVD is skipped and the value
         # P (K - 1) of the tree-tabular identity (docs/theory.md section 3) is used (the SVD confirms it
-        # wherever it runs, see tests/test_e1.py).
+        # wherever it runs, see tests/rto_sim/experiments/test_e1.py).
         self.d_eff_bandit = int(self.P * (self.K - 1))
         self.d_eff = weighted_rank(trajectory_features(self.features, e), self.w, e.prompt, self.P)
         if self.d_eff < 0:

@@ -21,10 +21,9 @@ from rto_llm.config import SFTConfig
 
 pytest.importorskip("deepspeed")
 
-from lm_helpers import assert_runs_match  # noqa: E402
-from test_deepspeed import _args  # noqa: E402
-
 from rto_llm.distributed import free_port  # noqa: E402
+from tests.rto_llm.lm_helpers import assert_runs_match  # noqa: E402
+from tests.rto_llm.test_deepspeed import _args  # noqa: E402
 
 TIMEOUT = 120
 

@@ -1,4 +1,4 @@
-"""Lifecycle guarantees of the PPO / RTO loop (issue 12; the stage-trainer side is tests/llm/test_reliability.py):
+"""Lifecycle guarantees of the PPO / RTO loop (issue 12; the stage-trainer side is tests/rto_llm/test_reliability.py):
 the non-finite guard with and without perf.stop_on_nonfinite, no duplicated metric rows after a crash, checks
 before any model loads, resume checks on rollout counts, periodic Hugging Face exports of the actor."""
 

@@ -134,7 +134,7 @@ def test_ray_backend(tmp_path):
         ray = pytest.importorskip("ray")
 
     # the cell function lives in this test module: Ray workers must be able to import it
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])  # the repo: tests.*
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         g = _grid(tmp_path)
@@ -222,7 +222,7 @@ def slow_cell(cell, rng_seed):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_sweep import slow_cell
+from tests.rto_sim.test_sweep import slow_cell
 from rto_sim.sweep import SweepGrid, run_sweep
 grid = SweepGrid(axes={{"x": list(range(8)), "seed": [0, 1, 2]}}, fixed={{"log_dir": {log!r}}})
 run_sweep(slow_cell, grid, {out!r}, workers=2, progress=False)
@@ -241,7 +241,7 @@ def test_killed_sweep_leaves_no_orphan_workers_and_resumes_exactly(tmp_path):
     log.mkdir()
     (log / "slow").touch()
     grid = SweepGrid(axes={"x": list(range(8)), "seed": [0, 1, 2]}, fixed={"log_dir": str(log)})     # 24 cells
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), log=str(log), out=str(out))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parents[2]), log=str(log), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cells = out / "cells"
     deadline = time.monotonic() + 180

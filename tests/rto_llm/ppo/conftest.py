@@ -1,15 +1,12 @@
 """Fixtures for the PPO / RTO tests: tiny actor, token-counting reward model, DPO model (full and
 LoRA adapter), prompts; all written once per session, CPU only, no network. The helpers shared with
-``tests/llm`` (``lm_helpers``) are importable here too."""
+``tests/rto_llm`` are in ``tests.rto_llm.lm_helpers``."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llm"))
 
 pytest.importorskip("transformers")
 

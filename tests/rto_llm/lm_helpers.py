@@ -1,5 +1,5 @@
-"""Helpers shared by the LLM tests (``tests/llm``; ``tests/llm_ppo`` puts this folder on ``sys.path`` in
-its conftest): log-prob computations that only tests need, written independently of the trainers' own
+"""Helpers shared by the LLM tests (``tests/rto_llm`` and ``tests/rto_llm/ppo``; import as
+``tests.rto_llm.lm_helpers``): log-prob computations that only tests need, written independently of the trainers' own
 forward helpers, and the comparison of two training runs."""
 
 from __future__ import annotations
