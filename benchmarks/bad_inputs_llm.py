@@ -34,13 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import torch
+from _battery import report, stderr_outcome
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BAD = ("traceback", "silently accepted", "data lost", "unclear error", "other")
 
 
 @dataclasses.dataclass
@@ -401,12 +400,10 @@ def cases() -> list[Case]:
 def classify(case: Case, r: subprocess.CompletedProcess | None, lost: str | None) -> tuple[str, str]:
     if r is None:
         return "other", "timeout"
-    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    lines, decided = stderr_outcome(r.stderr, lost)
+    if decided:
+        return decided
     last = lines[-1] if lines else ""
-    if "Traceback (most recent call last)" in r.stderr:
-        return "traceback", last
-    if lost:
-        return "data lost", lost
     if case.expect == "error":
         if r.returncode == 0:
             return "silently accepted", "exit 0"
@@ -446,23 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         kind, detail = classify(case, r, lost)
         results.append((case.name, kind, detail, time.time() - t))
         print(f"[{i:2d}/{len(selected)}] {kind:17s} {case.name:36s} {detail[:160]}", flush=True)
-    counts = Counter(k for _, k, _, _ in results)
-    print(f"\n{len(results)} bad inputs in {time.time() - t0:.0f} s:")
-    for kind in ("clear error", "recovered", *BAD):
-        print(f"  {kind:17s} {counts.get(kind, 0)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("# Bad inputs against `rto-llm` (`benchmarks/bad_inputs_llm.py`)\n\n")
-            f.write(f"{len(results)} inputs, tiny models on the CPU, {time.time() - t0:.0f} s. `$WORK` is the "
-                    "script's temporary directory. Counts: "
-                    + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("clear error", "recovered", *BAD)) + ".\n\n")
-            f.write("| input | outcome | last stderr line / finding |\n|---|---|---|\n")
-            for name, kind, detail, _ in results:
-                f.write(f"| {name} | {kind} | {detail.replace(work, '$WORK').replace('|', '/')[:300]} |\n")
+    code = report([k for _, k, _, _ in results], [(n, k, d.replace(work, "$WORK")) for n, k, d, _ in results], t0,
+                  args.out, "Bad inputs against `rto-llm` (`benchmarks/bad_inputs_llm.py`)",
+                  "tiny models on the CPU (`$WORK` is the script's temporary directory)",
+                  ("input", "outcome", "last stderr line / finding"))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if any(counts.get(k) for k in BAD) else 0
-
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

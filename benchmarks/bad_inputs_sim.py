@@ -1,5 +1,7 @@
 """A battery of bad inputs against ``rto-sim``, ``python -m paper_figures`` and the ``rto_sim`` Python API.
 
+Long because it is a catalogue: each of its ~80 bad inputs is a few lines of set-up and an expected message.
+
 Each input is a mistake a user makes (a wrong ``--set`` value, option, path or YAML file; NaN in theta; beta
 too small; an MDP too large for memory) or damage a run meets (a corrupt results file, a kill, a full or
 read-only disk, a concurrent run, stale locks and temporary files). The CLIs run as subprocesses (one per
@@ -40,12 +42,12 @@ import tempfile
 import textwrap
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from _battery import report, stderr_outcome
+
 REPO = Path(__file__).resolve().parents[1]
-BAD = ("traceback", "silently accepted", "data lost", "unclear error", "other")
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
 TEMPLATE: Path = Path()           # a finished `rto-sim experiment E0 --quick` folder (OUT), copied per input
@@ -154,20 +156,7 @@ def hold_lock(d: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # sweep scenarios (run in a subprocess, then checked here)
 # ---------------------------------------------------------------------------------------------------
-SWEEP_MODULE = '''
-import os, time
-from pathlib import Path
-import numpy as np
-
-def slow_cell(cell, rng_seed):
-    log = Path(cell["log_dir"])
-    (log / "pids").mkdir(exist_ok=True)
-    (log / "pids" / str(os.getpid())).touch()
-    if (log / "slow").exists():
-        time.sleep(0.4)
-    rng = np.random.default_rng(rng_seed)
-    return [{"metric": "u", "value": float(rng.random())}, {"metric": "v", "value": float(cell["x"] + rng.random())}]
-'''
+# the sweep cell of tests/rto_sim/test_sweep.py (records worker pids, sleeps while the flag file `slow` exists)
 
 
 def sweep_grid(log: Path):
@@ -179,15 +168,15 @@ def killed_sweep(d: Path) -> object:
     """Kill -9 a running process-pool sweep; no worker may survive; the resumed table equals an uninterrupted
     one row for row. Returns the recovery evidence or raises."""
     import pandas as pd
-    from _bad_inputs_sim_cells import slow_cell
 
     from rto_sim.results import pid_alive
     from rto_sim.sweep import run_sweep
+    from tests.rto_sim.test_sweep import slow_cell
 
     log, out = d / "log", d / "out"
     log.mkdir(parents=True)
     (log / "slow").touch()
-    code = ("from _bad_inputs_sim_cells import slow_cell\nfrom bad_inputs_sim import sweep_grid\n"
+    code = ("from tests.rto_sim.test_sweep import slow_cell\nfrom bad_inputs_sim import sweep_grid\n"
             "from rto_sim.sweep import run_sweep\nfrom pathlib import Path\n"
             f"run_sweep(slow_cell, sweep_grid(Path({str(log)!r})), {str(out)!r}, workers=2, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.DEVNULL,
@@ -226,9 +215,9 @@ def killed_sweep(d: Path) -> object:
 def damaged_cell(damage: str) -> Callable[[Path], object]:
     def call(d: Path) -> object:
         import pandas as pd
-        from _bad_inputs_sim_cells import slow_cell
 
         from rto_sim.sweep import cell_key, run_sweep
+        from tests.rto_sim.test_sweep import slow_cell
 
         log = d / "log"
         log.mkdir(parents=True)
@@ -515,12 +504,10 @@ def run_cli(case: Case, d: Path) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         return "other", "timeout"
     lost = case.check(d) if case.check else None
-    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    lines, decided = stderr_outcome(r.stderr, lost)
+    if decided:
+        return decided
     last = lines[-1] if lines else ""
-    if "Traceback (most recent call last)" in r.stderr:
-        return "traceback", last
-    if lost:
-        return "data lost", lost
     if case.expect == "recover":
         if r.returncode == 0 and re.search(case.pattern, r.stderr + r.stdout):
             evidence = next((x for x in lines if re.search(case.pattern, x)), "")
@@ -567,9 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bad_inputs_sim_"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "_bad_inputs_sim_cells.py").write_text(SWEEP_MODULE)
-    sys.path.insert(0, str(work))
-    ENV["PYTHONPATH"] = os.pathsep.join([str(work), ENV["PYTHONPATH"]])
+    sys.path.insert(0, str(REPO))
     t0 = time.time()
     TEMPLATE = work / "template"
     shutil.rmtree(TEMPLATE, ignore_errors=True)
@@ -589,23 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in LIVE:
             p.kill()
             p.wait()
-    counts = Counter(k for _, _, k, _, _ in results)
-    print(f"\n{len(results)} bad inputs in {time.time() - t0:.0f} s:")
-    for kind in ("clear error", "recovered", *BAD):
-        print(f"  {kind:17s} {counts.get(kind, 0)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("# Bad inputs against `rto-sim`, `paper_figures` and the `rto_sim` API "
-                    "(`benchmarks/bad_inputs_sim.py`)\n\n")
-            f.write(f"{len(results)} inputs, {time.time() - t0:.0f} s on the shared 2-core CPU machine. Counts: "
-                    + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("clear error", "recovered", *BAD)) + ".\n\n")
-            f.write("| input | via | outcome | error line / finding |\n|---|---|---|---|\n")
-            for name, via, kind, detail, _ in results:
-                f.write(f"| {name} | {via} | {kind} | {detail.replace('|', '/')[:300]} |\n")
+    code = report([k for _, _, k, _, _ in results], [(n, via, k, d) for n, via, k, d, _ in results], t0, args.out,
+                  "Bad inputs against `rto-sim`, `paper_figures` and the `rto_sim` API "
+                  "(`benchmarks/bad_inputs_sim.py`)",
+                  "on the shared 2-core CPU machine", ("input", "via", "outcome", "error line / finding"))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if any(counts.get(k) for k in BAD) else 0
-
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

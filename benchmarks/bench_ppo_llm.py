@@ -87,19 +87,16 @@ def build_fixture(root: str, size: str, prompt_len: int, n_prompts: int, seed: i
     return paths
 
 
-def _make_trainer(name: str, paths: dict, args, out_dir: str):
-    from rto_llm.config import load_config
-    from rto_llm.ppo.config import PPOConfig, RTOConfig
-    from rto_llm.ppo.trainer import PPOTrainer
-
-    cls = PPOConfig if name == "ppo" else RTOConfig
+def trainer_overrides(name: str, paths: dict, args, out_dir: str, max_rollouts: int) -> list[str]:
+    """The config overrides of one benchmarked trainer (`name`: ppo, rto_full or rto_adapter) on the files of
+    `paths`; `args` carries device, batch sizes and max_new_tokens. Shared with gpu_check.py."""
     over = [
         f"model.path={paths['actor']}", f"data.train_path={paths['prompts']}", f"reward.path={paths['rm']}",
         f"train.output_dir={out_dir}/{name}", f"train.device={args.device}",
         f"train.batch_size={args.train_batch}", f"train.micro_batch_size={args.micro}", "train.lr=1e-9",
         "critic.lr=1e-9", f"rollout.batch_size={args.rollout}", f"rollout.generation_batch_size={args.rollout}",
         f"rollout.forward_batch_size={args.forward_batch}", f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"ppo.max_rollouts={args.warmup + args.steps}", "data.max_len=4096", "data.max_prompt_len=2048",
+        f"ppo.max_rollouts={max_rollouts}", "data.max_len=4096", "data.max_prompt_len=2048",
         "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false", "reward.missing_eos_mode=off",
     ]
     if args.device == "cuda":
@@ -108,7 +105,16 @@ def _make_trainer(name: str, paths: dict, args, out_dir: str):
         over.append(f"rto.dpo_path={paths['dpo']}")
     elif name == "rto_adapter":
         over.append(f"rto.dpo_path={paths['dpo_adapter']}")
-    return PPOTrainer(load_config(cls, None, over))
+    return over
+
+
+def _make_trainer(name: str, paths: dict, args, out_dir: str):
+    from rto_llm.config import load_config
+    from rto_llm.ppo.config import PPOConfig, RTOConfig
+    from rto_llm.ppo.trainer import PPOTrainer
+
+    cls = PPOConfig if name == "ppo" else RTOConfig
+    return PPOTrainer(load_config(cls, None, trainer_overrides(name, paths, args, out_dir, args.warmup + args.steps)))
 
 
 def _summary(rows: list[dict]) -> dict:

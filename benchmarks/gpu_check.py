@@ -275,29 +275,18 @@ def build_fixture(root: str, args, dtype, device) -> dict:
 
 
 def make_trainer(name: str, paths: dict, args, out_dir: str, extra: list[str] = ()):
+    from bench_ppo_llm import trainer_overrides
+
     from rto_llm.config import load_config
     from rto_llm.ppo.config import PPOConfig, RTOConfig
     from rto_llm.ppo.trainer import PPOTrainer
 
     cls = PPOConfig if name in ("ppo", "ppo_zero2") else RTOConfig
-    over = [
-        f"model.path={paths['actor']}", f"data.train_path={paths['prompts']}", f"reward.path={paths['rm']}",
-        f"train.output_dir={out_dir}/{name}", f"train.device={args.device}",
-        f"train.batch_size={args.train_batch}", f"train.micro_batch_size={args.micro}", "train.lr=1e-9",
-        "critic.lr=1e-9", f"rollout.batch_size={args.rollout}", f"rollout.generation_batch_size={args.rollout}",
-        f"rollout.forward_batch_size={args.forward_batch}", f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"rollout.temperature={args.temperature}", "ppo.max_rollouts=2", "data.max_len=4096",
-        "data.max_prompt_len=2048", "log.progress_bar=false", "log.tensorboard=false",
-        "checkpoint.export_hf=false", "reward.missing_eos_mode=off",
-    ]
+    over = trainer_overrides(name, paths, args, out_dir, max_rollouts=2) + [f"rollout.temperature={args.temperature}"]
     if args.device == "cuda":
-        over += ["model.dtype=bfloat16", f"model.attn_implementation={args.attn}"]
+        over.append(f"model.attn_implementation={args.attn}")
     if args.ppo_static_cache:
         over += ["rollout.static_cache=true"] + (["rollout.compile=true"] if args.device == "cuda" else [])
-    if name == "rto_full":
-        over.append(f"rto.dpo_path={paths['dpo']}")
-    elif name == "rto_adapter":
-        over.append(f"rto.dpo_path={paths['dpo_adapter']}")
     return PPOTrainer(load_config(cls, None, [*over, *extra]))
 
 

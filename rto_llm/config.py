@@ -1,5 +1,8 @@
 """Stage configurations: one dataclass per stage, built from shared sections.
 
+Long because every option of the offline stages is declared here once, with its default and its help text (the CLI's
+--help is generated from it).
+
 A run is configured by a YAML file plus dotted command-line overrides (``train.lr=1e-5``). Every field
 has a default and a one-line doc (``rto-llm <stage> --help`` prints them all). Unknown keys and values
 of the wrong type are errors that name the key.
@@ -30,6 +33,13 @@ def opt(default: Any, doc: str) -> Any:
 def section(factory: Any, doc: str) -> Any:
     """A nested config section (a dataclass built by ``factory``)."""
     return field(default_factory=factory, metadata={"doc": doc})
+
+
+def check_at_least(sec: Any, prefix: str, bound: int, *names: str, note: str = "") -> None:
+    """Each field ``names`` of section ``sec`` must be >= ``bound``; the ConfigError names the first that is not."""
+    for name in names:
+        if getattr(sec, name) < bound:
+            raise ConfigError(f"{prefix}.{name} must be >= {bound}{note}, got {getattr(sec, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,8 +75,7 @@ class ModelConfig:
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise ConfigError(f"{prefix}.path is required: a local model directory (or a hub name)")
-        if self.lora_rank < 0:
-            raise ConfigError(f"{prefix}.lora_rank must be >= 0, got {self.lora_rank}")
+        check_at_least(self, prefix, 0, "lora_rank")
         if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{prefix}.lora_alpha must be > 0 and {prefix}.lora_dropout in [0, 1)")
 
@@ -147,12 +156,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Global gradient-norm clip (0 = off).")
 
     def validate(self, prefix: str) -> None:
-        for name in ("batch_size", "micro_batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "stop_after"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{prefix}.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        check_at_least(self, prefix, 1, "batch_size", "micro_batch_size", "epochs")
+        check_at_least(self, prefix, 0, "max_steps", "stop_after", note=" (0 = off)")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -218,9 +223,7 @@ class CheckpointConfig:
     )
 
     def validate(self, prefix: str) -> None:
-        for name in ("save_every", "keep_last", "save_hf_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, prefix, 0, "save_every", "keep_last", "save_hf_every")
         bad = [k for k in (k.strip() for k in self.allow_changes.split(",")) if k and k not in RESUME_CHANGEABLE]
         if bad:
             raise ConfigError(
@@ -241,8 +244,7 @@ class LogConfig:
     progress_bar: bool = opt(True, "Show a tqdm progress bar with live loss and throughput.")
 
     def validate(self, prefix: str) -> None:
-        if self.every < 1:
-            raise ConfigError(f"{prefix}.every must be >= 1, got {self.every}")
+        check_at_least(self, prefix, 1, "every")
 
 
 @dataclass
@@ -254,9 +256,7 @@ class StageEvalConfig:
     batch_size: int = opt(0, "Rows per evaluation forward pass; 0 = train.micro_batch_size.")
 
     def validate(self, prefix: str) -> None:
-        for name in ("every", "batch_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, prefix, 0, "every", "batch_size")
 
 
 @dataclass
@@ -287,15 +287,12 @@ class EvalConfig(StageEvalConfig):
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
-        for name in ("max_prompts", "num_samples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, prefix, 0, "max_prompts", "num_samples")
         if self.temperature < 0 or self.gold_beta < 0:
             raise ConfigError(f"{prefix}.temperature and {prefix}.gold_beta must be >= 0 (0 = the run's value)")
         if self.flag_window < 3:
             raise ConfigError(f"{prefix}.flag_window must be >= 3 (a trend needs three points), got {self.flag_window}")
-        if self.flag_z < 0:
-            raise ConfigError(f"{prefix}.flag_z must be >= 0, got {self.flag_z}")
+        check_at_least(self, prefix, 0, "flag_z")
         if not 0.0 < self.length_collapse_frac < 1.0 or not 0.0 < self.eos_first_max <= 1.0:
             raise ConfigError(f"{prefix}.length_collapse_frac must be in (0, 1) and {prefix}.eos_first_max in (0, 1]")
         g = self.gold
@@ -359,44 +356,46 @@ class DPOOptions:
 
 
 @dataclass
-class SFTConfig:
+class _StageConfig:
+    """The sections every offline stage (sft, rm, dpo) has, in this order; a stage redefines the model, data and
+    train defaults in place and adds its own section last."""
+
+    model: ModelConfig = section(ModelConfig, "Model to train.")
+    data: DataConfig = section(DataConfig, "Training rows.")
+    train: TrainConfig = section(TrainConfig, "Optimization.")
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    log: LogConfig = section(LogConfig, "Logging.")
+    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
+
+
+@dataclass
+class SFTConfig(_StageConfig):
     """Stage `sft`: supervised fine-tuning, loss on response tokens only."""
 
     model: ModelConfig = section(ModelConfig, "Model to fine-tune.")
     data: DataConfig = section(DataConfig, "Prompt/response or chat-message rows.")
     train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/sft", lr=1e-5), "Optimization.")
-    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
-    log: LogConfig = section(LogConfig, "Logging.")
-    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     sft: SFTOptions = section(SFTOptions, "SFT loss.")
 
 
 @dataclass
-class RMConfig:
+class RMConfig(_StageConfig):
     """Stage `rm`: reward model, pairwise Bradley-Terry loss, score at the last real token."""
 
     model: ModelConfig = section(ModelConfig, "Backbone (a causal LM or a reward model) to train.")
     data: DataConfig = section(lambda: DataConfig(), "Preference pairs.")
     train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/rm", lr=9e-6), "Optimization.")
-    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
-    log: LogConfig = section(LogConfig, "Logging.")
-    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     rm: RMOptions = section(RMOptions, "Reward-model options.")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(_StageConfig):
     """Stage `dpo`: DPO / IPO / cDPO against a frozen reference (the RTO stage's token-reward model)."""
 
     model: ModelConfig = section(ModelConfig, "Policy to train (also the reference unless dpo.ref_path).")
     data: DataConfig = section(DataConfig, "Preference pairs.")
     train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/dpo", lr=5e-7), "Optimization.")
-    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed ZeRO.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
-    log: LogConfig = section(LogConfig, "Logging.")
-    eval: StageEvalConfig = section(StageEvalConfig, "Evaluation on data.eval_path (every N steps, at the end).")
     dpo: DPOOptions = section(DPOOptions, "DPO loss.")
 
 

@@ -1,5 +1,8 @@
 """Training data: read rows, recognize their format, apply the chat template, tokenize, truncate, collate.
 
+Long because it accepts every TRL dataset type from four file kinds and the hub, and each format needs its own one-
+line error; the pieces form one pipeline (read, recognize, template, tokenize, collate).
+
 Row formats: TRL's dataset types (https://huggingface.co/docs/trl/dataset_formats), *standard* (text) or
 *conversational* (lists of ``{"role", "content"}`` messages). Key names are options of ``DataConfig``
 (``input_key`` "prompt", ``output_key`` "response", ``completion_key`` "completion", ``messages_key``

@@ -1,5 +1,8 @@
 """Processes, devices and the training engine (plain torch or DeepSpeed ZeRO) behind one interface.
 
+Long because plain torch and DeepSpeed ZeRO 0-3 sit behind one engine interface here, so that no trainer branches on
+the backend.
+
 Launch: one process (``rto-llm sft ...``), or many through ``torchrun`` / ``deepspeed`` (they set RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). CPU runs use the gloo backend, CUDA runs nccl.
 

@@ -1,5 +1,8 @@
 """Evaluation inside the trainers: the ``eval`` config section.
 
+Long because the evaluator is one loop (generate, score, gold, red flags, samples) whose helpers are used nowhere
+else; splitting them off would make a reader jump between files to follow one evaluation.
+
 **PPO / RTO** (:class:`PPOEvaluator`). Evaluation is on when ``eval.every > 0`` (then ``data.eval_path`` is
 required) or when ``data.eval_path`` is set (then at least after the last rollout). It runs before the first
 rollout (``eval.at_start``, logged at step 0), after every ``eval.every`` rollouts and after the last one, on

@@ -1,5 +1,8 @@
 """Exact evaluation of neural policies on a token task (`rto_sim.token_task.TokenTask`, experiment E8).
 
+Long because it holds both evaluation methods (exact enumeration and sampling) of one result type, with the log-prob
+cache they share.
+
 For a policy pi (e.g. the trained actor), a reference pi_ref (the SFT model) and the task's gold reward R,
 :func:`evaluate_policy` enumerates every valid response y of every prompt x (EOS-terminated with at most H
 tokens, or exactly H tokens without EOS), computes log pi(y|x) and log pi_ref(y|x) by batched forward passes
@@ -538,12 +541,17 @@ def _evaluate_exact(policy, reference, tokenizer, task, beta, dpo_model, beta_dp
     responses_out = {"prompt": prompt, "actions": actions, "length": length, "returns": R,
                      "log_policy": pv.ravel(), "log_reference": qv.ravel(), "log_optimal": ostar.ravel(),
                      "log_dpo": None if ld is None else ld.ravel()}
+    return _result("exact", beta, restrict, vals, se, per, sel, w, K, notes, responses_out)
+
+
+def _result(method: str, beta: float, restrict: bool, vals: dict, se: dict, per: dict, prompts, weights,
+            n_responses: int, notes: list, responses: dict | None) -> ExactEvalResult:
+    """The ExactEvalResult of both methods from the weighted means `vals` and standard errors `se`."""
     return ExactEvalResult(
-        method="exact", beta=beta, restrict_to_task=bool(restrict), J=vals["J"], J_star=vals["J_star"],
-        sub_opt=vals["sub_opt"], expected_return=vals["expected_return"], kl=vals["kl"], win_rate=vals["win_rate"],
-        dpo_reward=vals.get("dpo_reward"), valid_mass=vals["valid_mass"], valid_mass_ref=vals["valid_mass_ref"],
-        optimal_return=vals["optimal_return"], optimal_kl=vals["optimal_kl"], se=se, per_prompt=per, prompts=sel,
-        weights=w, n_responses=K, notes=notes, responses=responses_out)
+        method=method, beta=beta, restrict_to_task=bool(restrict), se=se, per_prompt=per, prompts=prompts,
+        weights=weights, n_responses=n_responses, notes=notes, responses=responses, dpo_reward=vals.get("dpo_reward"),
+        **{k: vals[k] for k in ("J", "J_star", "sub_opt", "expected_return", "kl", "win_rate", "valid_mass",
+                                "valid_mass_ref", "optimal_return", "optimal_kl")})
 
 
 def _draw(model, tokenizer, task, sel, n, gen, restrict, batch_size):
@@ -634,12 +642,7 @@ def _evaluate_sampled(policy, reference, tokenizer, task, beta, dpo_model, beta_
     se = {k: _agg_se(w, v) for k, v in pse.items()}
     notes.append("sampled: J* is a log-mean-exp of reference samples (O(1/n) bias); optimal_return / optimal_kl are "
                  "self-normalized importance estimates without standard errors")
-    return ExactEvalResult(
-        method="sampled", beta=beta, restrict_to_task=bool(restrict), J=vals["J"], J_star=vals["J_star"],
-        sub_opt=vals["sub_opt"], expected_return=vals["expected_return"], kl=vals["kl"], win_rate=vals["win_rate"],
-        dpo_reward=vals.get("dpo_reward"), valid_mass=vals["valid_mass"], valid_mass_ref=vals["valid_mass_ref"],
-        optimal_return=vals["optimal_return"], optimal_kl=vals["optimal_kl"], se=se, per_prompt=per, prompts=sel,
-        weights=w, n_responses=n, notes=notes, responses=None)
+    return _result("sampled", beta, restrict, vals, se, per, sel, w, n, notes, None)
 
 
 def evaluate_task_dir(task_dir: str, policy: str, reference: str | None = None, **kw) -> ExactEvalResult:

@@ -1,5 +1,8 @@
 """Model roles: actor / reference (causal LM), reward model and critic (scalar head), DPO token rewards.
 
+Long because every way a role can be given (full model, LoRA adapter, GGUF, reward-model head, hub name) is resolved
+here, in one place, so that the trainers only ask for a role.
+
 - ``load_causal_lm``: actor (trained) or reference (frozen, eval mode).
 - ``load_scalar_model``: a ``*ForSequenceClassification`` model with one output (``num_labels=1``) and a
   small head. The reward model reads its score at the last real token (:func:`sequence_scores`); the

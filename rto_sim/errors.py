@@ -20,7 +20,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # the folders whose ValueErrors are deliberate messages (validation) rather than library failures
-_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / pkg) for pkg in ("rto_sim", "paper_figures"))
+_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / pkg) for pkg in ("rto_sim", "rto_llm", "paper_figures"))
 
 # errno -> the fix to suggest; an OSError with another errno is treated as an internal problem (traceback)
 _OS_FIXES = {

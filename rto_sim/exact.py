@@ -85,14 +85,21 @@ def soft_bellman(mdp: TokenMDP, reward: Layered, beta: float) -> SoftSolution:
     """V*(s) = beta log sum_a pi_ref(a|s) exp((r(s,a) + V*(s'))/beta),
     pi*(a|s) = pi_ref(a|s) exp((r(s,a) + V*(s') - V*(s))/beta), V*(terminal) = 0."""
     beta = check_beta(beta)
-    reward = mdp.check_reward(reward)
-    V: list = [None] * mdp.H
-    Q: list = [None] * mdp.H
-    logpi: list = [None] * mdp.H
+    return soft_backward(mdp.log_pi_ref, mdp.check_reward(reward), beta, lambda h, V: _next_values(mdp, h, V))
+
+
+def soft_backward(log_pi_ref: Layered, reward: Layered, beta: float, expected_next) -> SoftSolution:
+    """The backward recursion of both transition kinds (checked inputs): from the last layer down,
+    Q[h] = reward[h] + expected_next(h, V[h+1]) (n_h, A) and (V[h], log pi[h]) = soft_value(log_pi_ref[h], Q[h],
+    beta); `expected_next(h, None)` is the zero (n_h, A) array after the last layer."""
+    H = len(log_pi_ref)
+    V: list = [None] * H
+    Q: list = [None] * H
+    logpi: list = [None] * H
     V_next = None
-    for h in range(mdp.H - 1, -1, -1):
-        Q[h] = reward[h] + _next_values(mdp, h, V_next)
-        V[h], logpi[h] = soft_value(mdp.log_pi_ref[h], Q[h], beta)
+    for h in range(H - 1, -1, -1):
+        Q[h] = reward[h] + expected_next(h, V_next)
+        V[h], logpi[h] = soft_value(log_pi_ref[h], Q[h], beta)
         V_next = V[h]
     return SoftSolution(V=V, Q=Q, log_policy=logpi, beta=beta)
 

@@ -1,5 +1,8 @@
 """Reward / policy learners from preference data (docs/theory.md sections 3 and 4).
 
+Long because its three learners share the logistic-regression core and the ridge convention stated once in this
+docstring (the tree solvers are in tree_solvers.py).
+
 Three learners see the same `PreferenceData`:
 
 * `fit_token_mle`   linear token reward r(s, a) = <phi(s, a), theta>. The Bradley-Terry likelihood only
@@ -54,8 +57,9 @@ from .exact import implicit_token_reward
 from .features import FeatureMap
 from .mdp import Layered, TokenMDP, check_beta, gather
 from .preferences import PreferenceData, response_codes, take, trajectory_features
+from .tree_solvers import Result, TreeDPO, TreeTabularMLE
 
-__all__ = ["TokenMLEFit", "BanditFit", "DPOFit", "fit_token_mle", "fit_bandit_mle", "fit_tabular_dpo",
+__all__ = ["FitInfo", "TokenMLEFit", "BanditFit", "DPOFit", "fit_token_mle", "fit_bandit_mle", "fit_tabular_dpo",
            "bandit_mle_exists", "logistic_objective", "lift_to_tree", "DENSE_SIGMA_MAX_D"]
 
 DENSE_SIGMA_MAX_D = 2048     # Sigma_D is stored dense when d <= this
@@ -106,9 +110,24 @@ def _lbfgs(X, w, ridge, x0, max_iter, tol):
     return res.x, int(res.nit), bool(res.success or gnorm <= tol), float(res.fun / scale), gnorm, str(res.message)
 
 
+# ---------------------------------------------------------------------- fit results
+@dataclass
+class FitInfo:
+    """What every fit reports (the fields come first in each result): ridge lambda (SUM convention, module
+    doc), n_iter, converged, loss (the minimized objective, a sum), grad_norm (max |grad| of the mean loss at
+    the end), n (number of pairs N)."""
+
+    ridge: float
+    n_iter: int
+    converged: bool
+    loss: float
+    grad_norm: float
+    n: int
+
+
 # ---------------------------------------------------------------------- token MLE
 @dataclass
-class TokenMLEFit:
+class TokenMLEFit(FitInfo):
     """Token-level MLE of theta (docs/theory.md section 4).
 
     theta: (d,) estimate; features: the FeatureMap; ridge: lambda (SUM convention, see module doc);
@@ -120,15 +139,9 @@ class TokenMLEFit:
 
     theta: np.ndarray
     features: FeatureMap
-    ridge: float
     design: sp.csr_matrix
     counts: np.ndarray
     sigma_D: np.ndarray | None
-    n_iter: int
-    converged: bool
-    loss: float
-    grad_norm: float
-    n: int
     norm_bound: float | None = None
     message: str = ""
     _factor: object = field(default=None, repr=False)
@@ -187,7 +200,7 @@ def fit_token_mle(data: PreferenceData, features: FeatureMap, ridge: float = 1e-
     data): then `converged` may be False and theta is where the optimizer stopped.
 
     solver: "lbfgs" (on theta), or "tree" / "auto" for tabular features on a prefix tree (`mdp` required):
-    the same strictly convex problem solved over one value per response (`_TreeTabularMLE`), then checked --
+    the same strictly convex problem solved over one value per response (`tree_solvers.TreeTabularMLE`), then checked --
     and if needed finished -- on theta with the same criterion. "auto" uses "tree" when ridge > 0, no ball,
     `mdp` is a tree and the features are its tabular ones, else "lbfgs". With a ridge the optimum is unique, so
     both give the same theta to the tolerance; near MLE non-existence "tree" needs ~10x fewer iterations."""
@@ -214,7 +227,7 @@ def fit_token_mle(data: PreferenceData, features: FeatureMap, ridge: float = 1e-
     theta0 = np.zeros(d) if x0 is None else np.asarray(x0, float).copy()
     nit0 = 0
     if use_tree:
-        tree = _TreeTabularMLE(mdp, features, data, idx, counts, ridge)
+        tree = TreeTabularMLE(mdp, features, data, idx, counts, ridge)
         theta0, nit0 = tree.solve(max_iter, tol / 100)
     theta, nit, conv, loss, gnorm, msg = _lbfgs(D, counts, ridge, theta0, max(max_iter - nit0, 1), tol)
     nit += nit0
@@ -262,7 +275,7 @@ def lift_to_tree(mdp: TokenMDP) -> tuple[TokenMDP, list]:
 
 
 @dataclass
-class BanditFit:
+class BanditFit(FitInfo):
     """Sentence-level (one-hot arm) Bradley-Terry MLE.
 
     arm_codes: (K_obs,) sorted codes (`response_codes`) of the arms seen in the data; values: (K_obs,)
@@ -275,12 +288,6 @@ class BanditFit:
     arm_prompt: np.ndarray
     arm_actions: np.ndarray
     arm_length: np.ndarray
-    ridge: float
-    n_iter: int
-    converged: bool
-    loss: float
-    grad_norm: float
-    n: int
     A: int
     H: int
     num_arms: int
@@ -376,19 +383,13 @@ def bandit_mle_exists(data: PreferenceData, mdp: TokenMDP, require_all_arms: boo
 
 # ---------------------------------------------------------------------- tabular DPO
 @dataclass
-class DPOFit:
+class DPOFit(FitInfo):
     """Tabular DPO policy. log_policy: layered (n_h, A) log pi_hat; beta: DPO temperature; ridge:
     lambda on ||z - log pi_ref||^2 of the free logits (SUM convention); n_iter, converged (max |grad|
     of the mean loss <= tol), loss (sum of DPO losses + penalty), grad_norm; mdp: the MDP it lives on."""
 
     log_policy: Layered
     beta: float
-    ridge: float
-    n_iter: int
-    converged: bool
-    loss: float
-    grad_norm: float
-    n: int
     mdp: TokenMDP = field(repr=False)
     message: str = ""
 
@@ -417,7 +418,7 @@ def fit_tabular_dpo(data: PreferenceData, mdp: TokenMDP, beta: float, ridge: flo
     (default pi_ref). Absorbing rows and tokens with pi_ref = 0 are not parameters.
 
     solver: "logits" (L-BFGS-B on the per-state logits) or "tree" / "auto" (on a prefix tree: the same
-    objective minimized over one value per complete response, `_TreeDPO`, then checked -- and if needed
+    objective minimized over one value per complete response, `tree_solvers.TreeDPO`, then checked -- and if needed
     finished -- on the logits with the same criterion; "auto" uses "tree" when mdp.kind == "tree", else
     "logits"). Both stop on the same first-order condition of the same objective; near MLE non-existence the
     logit parametrization is badly conditioned (the depth couples every prefix) and "tree" needs 3-10x fewer
@@ -503,12 +504,12 @@ def fit_tabular_dpo(data: PreferenceData, mdp: TokenMDP, beta: float, ridge: flo
     try:
         nit0 = 0
         if solver == "tree":
-            tree = _TreeDPO(mdp, data, idx, counts, beta, ridge)
+            tree = TreeDPO(mdp, data, idx, counts, beta, ridge)
             q, nit0 = tree.solve(None if init is None else tree.leaf_values(start), max_iter, tol / 10)
             z0 = tree.logits(q)[free]
             f0, g0 = fun(z0)
         if solver == "tree" and float(np.abs(g0).max(initial=0.0)) <= tol:
-            res = _Result(x=z0, fun=f0, nit=0, success=True, message="tree solver: converged on the logits")
+            res = Result(x=z0, fun=f0, nit=0, success=True, message="tree solver: converged on the logits")
             g = g0
         else:
             res = minimize(fun, z0, jac=True, method="L-BFGS-B",
@@ -532,294 +533,3 @@ def fit_tabular_dpo(data: PreferenceData, mdp: TokenMDP, beta: float, ridge: flo
     return DPOFit(log_policy=log_policy, beta=beta, ridge=ridge, n_iter=nit0 + int(res.nit),
                   converged=bool(res.success or gnorm <= tol), loss=float(res.fun) / scale, grad_norm=gnorm,
                   n=data.n, mdp=mdp, message=str(res.message))
-
-
-@dataclass
-class _Result:
-    x: np.ndarray
-    fun: float
-    nit: int
-    success: bool
-    message: str
-
-
-class _TreeDPO:
-    """Tabular DPO on a prefix tree in sequence coordinates (`fit_tabular_dpo(solver="tree")`).
-
-    On a tree every policy is pi(y) ∝ pi_ref(y) exp(q(y)) for one value q(y) per complete response (leaf:
-    the last token, or the EOS token, of a live prefix), unique up to a constant per prompt. With the subtree
-    values W(n) = log sum_{y below n} pi_ref(y | n) exp(q(y)) (W(leaf) = q) the policy is
-    pi(a|s) = pi_ref(a|s) exp(W(s a) - W(s)), so the logits that the ridge of `fit_tabular_dpo` penalizes are,
-    after the per-state shift that the ridge optimum picks, u(s, a) = W(s a) - mean_b W(s b) (free tokens b),
-    and the DPO margin of a pair is beta (q(y_w) - q(y_l)). The objective
-
-        sum_i w_i dpo_loss(beta (q(y_w^i) - q(y_l^i))) + (lambda / 2) sum_s sum_a (W(s a) - mean_b W(s b))^2
-
-    is therefore the logit objective in other coordinates: the loss term is the sentence bandit's (well
-    conditioned), and only the ridge couples the leaves, through the W recursion. Gradient: the ridge's
-    d/dW(s a) flows to the leaves below s a with weights pi(.|.) (d W(s) / d W(s a) = pi(a|s))."""
-
-    def __init__(self, mdp: TokenMDP, data: PreferenceData, idx: np.ndarray, counts: np.ndarray, beta: float,
-                 ridge: float):
-        H, A = mdp.H, mdp.A
-        self.mdp, self.H, self.A, self.beta, self.ridge = mdp, H, A, beta, ridge
-        self.n_states = mdp.n_states
-        self.logref = [np.asarray(lr, float) for lr in mdp.log_pi_ref]
-        live = [~a for a in mdp.absorbing]
-        self.free = [np.isfinite(lr) & lv[:, None] for lr, lv in zip(self.logref, live)]
-        nfree = [f.sum(1) for f in self.free]
-        self.lr_safe, self.cmask, self.inv_n = [], [], []
-        self.leaf_flat, self.inner_flat, self.inner_child, self.parent = [], [], [], [None]
-        sizes, leaf_masks = [], []
-        for h in range(H):
-            f = self.free[h]
-            lrs = np.where(f, self.logref[h], -np.inf)
-            lrs[nfree[h] == 0, 0] = 0.0                   # rows without parameters: finite, unused
-            self.lr_safe.append(lrs)
-            self.cmask.append((f & (nfree[h] > 1)[:, None]).astype(float))
-            self.inv_n.append((1.0 / np.maximum(nfree[h], 1))[:, None])
-            end = np.ones_like(f) if h == H - 1 else mdp.absorbing[h + 1][mdp.next_state[h]]
-            leaf = f & end
-            leaf_masks.append(leaf)
-            sizes.append(int(leaf.sum()))
-            self.leaf_flat.append(np.flatnonzero(leaf.ravel()))
-            inner = np.flatnonzero((f & ~end).ravel())
-            self.inner_flat.append(inner)
-            self.inner_child.append(mdp.next_state[h].ravel()[inner] if h < H - 1 else inner[:0])
-            if h > 0:                                     # parent edge of each live state; -1 -> a zero slot
-                par = np.full(mdp.n_states[h], -1, np.int64)
-                par[self.inner_child[h - 1]] = self.inner_flat[h - 1]
-                self.parent.append(par)
-        self.offset = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.K = int(self.offset[-1])
-        self.leaf_id = []
-        for h in range(H):
-            ids = np.full(leaf_masks[h].shape, -1, np.int64)
-            ids[leaf_masks[h]] = self.offset[h] + np.arange(sizes[h])
-            self.leaf_id.append(ids)
-        ch, rj = data.chosen, data.rejected
-        lw, ll = self._leaf_of(ch, idx), self._leaf_of(rj, idx)
-        keep = lw != ll                                    # identical responses carry no information
-        self.lw, self.ll, self.w = lw[keep], ll[keep], torch.tensor(counts[keep])
-        self.scale = 1.0 / float(counts.sum())
-        self.zero = torch.zeros(int(keep.sum()), dtype=torch.float64)
-
-    def _leaf_of(self, t, idx: np.ndarray) -> np.ndarray:
-        """Leaf index of each response t[idx] (its token at the last masked position)."""
-        end = t.mask[idx].sum(1) - 1
-        rows = np.arange(len(idx))
-        s, a = t.states[idx][rows, end], t.actions[idx][rows, end]
-        out = np.full(len(idx), -1, np.int64)
-        for h in np.unique(end):
-            m = end == h
-            out[m] = self.leaf_id[h][s[m], a[m]]
-        if (out < 0).any():
-            raise ValueError("a response ends on a token with pi_ref = 0 or in an absorbing state")
-        return out
-
-    def _values(self, q: np.ndarray) -> tuple[list, list]:
-        """Per layer the edge values E (n_h, A) (0 on tokens that are not free) and the implied policy pi
-        (n_h, A), bottom-up through W(s) = log sum_a pi_ref(a|s) exp(E(s, a))."""
-        H = self.H
-        E, pol = [None] * H, [None] * H
-        W = None
-        for h in range(H - 1, -1, -1):
-            n = self.n_states[h]
-            e = np.zeros(n * self.A)
-            e[self.leaf_flat[h]] = q[self.offset[h]:self.offset[h + 1]]
-            if h < H - 1:
-                e[self.inner_flat[h]] = W[self.inner_child[h]]
-            e = e.reshape(n, self.A)
-            a = self.lr_safe[h] + e
-            mx = a.max(axis=1, keepdims=True)
-            ex = np.exp(a - mx)
-            tot = ex.sum(axis=1, keepdims=True)
-            W = (mx + np.log(tot))[:, 0]
-            E[h], pol[h] = e, ex / tot
-        return E, pol
-
-    def _centred(self, h: int, e: np.ndarray) -> np.ndarray:
-        """u = E - mean over the free tokens, on live states with >= 2 free tokens (0 elsewhere)."""
-        return (e - e.sum(axis=1, keepdims=True) * self.inv_n[h]) * self.cmask[h]
-
-    def objective(self, q: np.ndarray) -> tuple[float, np.ndarray]:
-        """(mean objective, gradient) at the leaf values q."""
-        E, pol = self._values(q)
-        margin = torch.tensor(q[self.lw] - q[self.ll], requires_grad=True)
-        losses, _, _ = dpo_loss(margin, self.zero, self.zero, self.zero, beta=self.beta)
-        f = (self.w * losses).sum()
-        (gm,) = torch.autograd.grad(f, (margin,))
-        gm = gm.numpy()
-        grad = np.bincount(self.lw, gm, minlength=self.K) - np.bincount(self.ll, gm, minlength=self.K)
-        val = float(f.detach())
-        above = None
-        for h in range(self.H):
-            u = self._centred(h, E[h])
-            val += 0.5 * self.ridge * float((u * u).sum())
-            g = self.ridge * u
-            if h > 0:
-                g += np.append(above.ravel(), 0.0)[self.parent[h]][:, None] * pol[h]
-            grad[self.offset[h]:self.offset[h + 1]] += g.ravel()[self.leaf_flat[h]]
-            above = g
-        return val * self.scale, grad * self.scale
-
-    def solve(self, q0: np.ndarray | None, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
-        x0 = np.zeros(self.K) if q0 is None else q0
-        res = minimize(self.objective, x0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": int(max_iter), "gtol": tol, "ftol": tol * 1e-6, "maxcor": 30})
-        return res.x, int(res.nit)
-
-    def logits(self, q: np.ndarray) -> np.ndarray:
-        """(S, A) flat logits log pi_ref + u (u centred per state; log pi_ref where not free)."""
-        E, _ = self._values(q)
-        return np.concatenate([np.where(self.free[h], self.logref[h] + self._centred(h, E[h]), self.logref[h])
-                               for h in range(self.H)])
-
-    def leaf_values(self, flat_logits: np.ndarray) -> np.ndarray:
-        """q of the policy softmax(flat_logits): the sequence log-ratio log pi(y)/pi_ref(y) at every leaf."""
-        offs = np.concatenate([[0], np.cumsum(self.mdp.n_states)]).astype(np.int64)
-        q = np.zeros(self.K)
-        acc = np.zeros(self.mdp.n_states[0])
-        for h in range(self.H):
-            lp = log_softmax(flat_logits[offs[h]:offs[h + 1]], axis=1)
-            ratio = np.where(self.free[h], lp - self.logref[h], 0.0) + acc[:, None]
-            q[self.offset[h]:self.offset[h + 1]] = ratio.ravel()[self.leaf_flat[h]]
-            if h < self.H - 1:
-                acc = np.append(ratio.ravel(), 0.0)[self.parent[h + 1]]
-        return q
-
-
-class _TreeTabularMLE:
-    """Token MLE with tabular features on a prefix tree in sequence coordinates (`fit_token_mle(solver="tree")`).
-
-    With one parameter theta_e per (prefix, token) edge e, R(y) is the sum of theta along y's path, so the
-    likelihood sees theta only through the response values q(y) = R(y), and for given q the ridge picks the
-    minimum-norm theta: Q(q) = min {||theta||^2 : path sums = q}. On a tree that minimum is a recursion: bottom
-    up, an edge into a leaf has weight a = 1 and value m = q(y); an edge into a state c has a = alpha_c / (1 +
-    alpha_c) and m = m_c, where alpha_s = sum_e a_e and m_s = sum_e a_e m_e / alpha_s over the edges of s; top
-    down from c = 0 at the prompt, theta_e = a_e (m_e - c) and the child's c is c + theta_e. Q = ||theta||^2 and
-    dQ/dq(y) = 2 theta(leaf edge of y) (the Lagrange multiplier of y's constraint). The objective
-
-        sum_i w_i log(1 + exp(-(q(y_w^i) - q(y_l^i)))) + (lambda / 2) Q(q)
-
-    is the sentence bandit's likelihood with a tree-coupled quadratic ridge: strictly convex, the same optimum
-    as the problem on theta, and well conditioned where the theta coordinates are not."""
-
-    def __init__(self, mdp: TokenMDP, features: FeatureMap, data: PreferenceData, idx: np.ndarray,
-                 counts: np.ndarray, ridge: float):
-        H, A = mdp.H, mdp.A
-        self.mdp, self.H, self.A, self.ridge, self.d = mdp, H, A, ridge, features.d
-        self.n_states = mdp.n_states
-        live = [~a for a in mdp.absorbing]
-        self.leaf, self.inner_child, self.fid = [], [], []
-        for h in range(H):
-            end = np.ones((self.n_states[h], A), bool) if h == H - 1 else mdp.absorbing[h + 1][mdp.next_state[h]]
-            self.leaf.append(live[h][:, None] & end)
-            self.inner_child.append(np.where(live[h][:, None] & ~end, mdp.next_state[h] if h < H - 1 else -1, -1))
-            self.fid.append(np.where(features.value[h][:, :, 0] > 0, features.index[h][:, :, 0], -1))
-            if not np.array_equal(self.fid[h] >= 0, live[h][:, None] & np.ones((1, A), bool)):
-                raise ValueError("solver='tree' needs one tabular feature per (live state, token)")
-        sizes = [int(lf.sum()) for lf in self.leaf]
-        offset = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.leaf_id = []
-        for h in range(H):
-            ids = np.full(self.leaf[h].shape, -1, np.int64)
-            ids[self.leaf[h]] = offset[h] + np.arange(sizes[h])
-            self.leaf_id.append(ids)
-        ch, rj = data.chosen, data.rejected
-        lw, ll = self._leaf_of(ch, idx), self._leaf_of(rj, idx)
-        keep = lw != ll                                  # identical responses carry no information
-        # only responses in the data are constrained: the minimum-norm theta is 0 on every edge whose subtree
-        # holds none, so unseen leaves are not variables (their edges get weight a = 0)
-        seen, inv = np.unique(np.concatenate([lw[keep], ll[keep]]), return_inverse=True)
-        n = int(keep.sum())
-        self.lw, self.ll, self.w = inv[:n], inv[n:], counts[keep]
-        self.K = len(seen)
-        self.scale = 1.0 / max(float(counts.sum()), 1.0)
-        self.seen = []                                   # per layer: flat positions of seen leaves, in q order
-        pos = np.full(int(offset[-1]), -1, np.int64)
-        pos[seen] = np.arange(self.K)
-        for h in range(H):
-            ids = self.leaf_id[h]
-            flat = np.flatnonzero((ids >= 0).ravel() & (pos[np.maximum(ids, 0)].ravel() >= 0))
-            order = pos[ids.ravel()[flat]]
-            self.seen.append((flat, order))
-        # structural weights: alpha_s and the edge weights a_e (bottom up; independent of q)
-        self.a = [None] * H
-        alpha_next = None
-        for h in range(H - 1, -1, -1):
-            a = np.zeros(self.leaf[h].size)
-            a[self.seen[h][0]] = 1.0
-            a = a.reshape(self.leaf[h].shape)
-            inner = self.inner_child[h] >= 0
-            if h < H - 1:
-                al = alpha_next[np.maximum(self.inner_child[h], 0)]
-                a = np.where(inner, al / (1.0 + al), a)
-            self.a[h] = a
-            alpha_next = a.sum(axis=1)
-        self.alpha = [a.sum(axis=1) for a in self.a]
-
-    def _leaf_of(self, t, idx: np.ndarray) -> np.ndarray:
-        end = t.mask[idx].sum(1) - 1
-        rows = np.arange(len(idx))
-        s, a = t.states[idx][rows, end], t.actions[idx][rows, end]
-        out = np.full(len(idx), -1, np.int64)
-        for h in np.unique(end):
-            m = end == h
-            out[m] = self.leaf_id[h][s[m], a[m]]
-        if (out < 0).any():
-            raise ValueError("a response ends in an absorbing state")
-        return out
-
-    def edge_theta(self, q: np.ndarray) -> list:
-        """The minimum-norm theta (per layer, (n_h, A); 0 on absorbing rows) whose path sums are q."""
-        H = self.H
-        m_edge = [None] * H
-        m_next = None
-        for h in range(H - 1, -1, -1):
-            m = np.zeros(self.leaf[h].size)
-            flat, order = self.seen[h]
-            m[flat] = q[order]
-            m = m.reshape(self.leaf[h].shape)
-            inner = self.inner_child[h] >= 0
-            if h < H - 1:
-                m = np.where(inner, m_next[np.maximum(self.inner_child[h], 0)], m)
-            m_edge[h] = m
-            m_next = (self.a[h] * m).sum(axis=1) / np.where(self.alpha[h] > 0, self.alpha[h], 1.0)
-        theta = [None] * H
-        c = np.zeros(self.n_states[0])
-        for h in range(H):
-            th = self.a[h] * (m_edge[h] - c[:, None])
-            theta[h] = th
-            if h < H - 1:
-                c_next = np.zeros(self.n_states[h + 1])
-                inner = self.inner_child[h] >= 0
-                c_next[self.inner_child[h][inner]] = (c[:, None] + th)[inner]
-                c = c_next
-        return theta
-
-    def objective(self, q: np.ndarray) -> tuple[float, np.ndarray]:
-        z = q[self.lw] - q[self.ll]
-        f = float(self.w @ np.logaddexp(0.0, -z))
-        g = -self.w * expit(-z)
-        grad = np.bincount(self.lw, g, minlength=self.K) - np.bincount(self.ll, g, minlength=self.K)
-        theta = self.edge_theta(q)
-        f += 0.5 * self.ridge * sum(float((t * t).sum()) for t in theta)
-        for h in range(self.H):
-            flat, order = self.seen[h]
-            grad[order] += self.ridge * theta[h].ravel()[flat]
-        return f * self.scale, grad * self.scale
-
-    def to_features(self, theta: list) -> np.ndarray:
-        out = np.zeros(self.d)
-        for h in range(self.H):
-            ok = self.fid[h] >= 0
-            out[self.fid[h][ok]] = theta[h][ok]
-        return out
-
-    def solve(self, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
-        """(theta in feature space, iterations) of the sequence-coordinate problem."""
-        res = minimize(self.objective, np.zeros(self.K), jac=True, method="L-BFGS-B",
-                       options={"maxiter": int(max_iter), "gtol": tol, "ftol": tol * 1e-6, "maxcor": 30})
-        return self.to_features(self.edge_theta(res.x)), int(res.nit)
-

@@ -308,14 +308,7 @@ class TokenMDP:
         return out
 
     def _layered_arrays(self, layered, name: str) -> list[np.ndarray]:
-        """The H float arrays of a layered table, each checked to have shape (n_h, A)."""
-        if not isinstance(layered, (list, tuple)) or len(layered) != self.H:
-            raise ValueError(f"{name} must be a list of H={self.H} arrays of shape (n_h, A)")
-        out = [np.asarray(x, dtype=float) for x in layered]
-        for h, x in enumerate(out):
-            if x.shape != (self.n_states[h], self.A):
-                raise ValueError(f"{name}[{h}] must have shape ({self.n_states[h]}, {self.A}), got {x.shape}")
-        return out
+        return layered_arrays(layered, self.n_states, self.A, name)
 
     def check_policy(self, policy, name: str = "policy") -> Layered:
         """Validate a layered policy (shapes, non-negative rows summing to 1); absorbing rows are forced
@@ -323,9 +316,7 @@ class TokenMDP:
         out = []
         for h, p in enumerate(self._layered_arrays(policy, name)):
             live = ~self.absorbing[h]
-            if np.any(~np.isfinite(p)) or np.any(p < 0):
-                raise ValueError(f"{name}[{h}] has negative or non-finite entries: rows must be distributions")
-            err = np.abs(p[live].sum(axis=1) - 1.0)
+            err = row_sum_errors(p, f"{name}[{h}]")[live]
             if err.size and err.max() > 1e-8:
                 row = int(np.flatnonzero(live)[np.argmax(err)])
                 raise ValueError(f"{name}[{h}] row {row} sums to {p[row].sum():.6g}, not 1: normalize each "
@@ -350,6 +341,26 @@ class TokenMDP:
         return {"kind": self.kind, "A": self.A, "H": self.H, "n_prompts": self.n_prompts,
                 "eos": self.eos is not None, "n_states": int(sum(self.n_states)),
                 "responses_per_prompt": self.num_responses}
+
+
+def layered_arrays(layered, n_states: list[int], A: int, name: str) -> list[np.ndarray]:
+    """The H float arrays of a layered table, each checked to have shape (n_states[h], A)."""
+    H = len(n_states)
+    if not isinstance(layered, (list, tuple)) or len(layered) != H:
+        raise ValueError(f"{name} must be a list of H={H} arrays of shape (n_h, A)")
+    out = [np.asarray(x, dtype=float) for x in layered]
+    for h, x in enumerate(out):
+        if x.shape != (n_states[h], A):
+            raise ValueError(f"{name}[{h}] must have shape ({n_states[h]}, {A}), got {x.shape}")
+    return out
+
+
+def row_sum_errors(p: np.ndarray, name: str, axis: int = -1) -> np.ndarray:
+    """|sum over `axis` - 1| of a table of distributions `p`; negative or non-finite entries are an error naming
+    `name`."""
+    if np.any(~np.isfinite(p)) or np.any(p < 0):
+        raise ValueError(f"{name} has negative or non-finite entries: rows must be distributions")
+    return np.abs(p.sum(axis=axis) - 1.0)
 
 
 def gather(layered: Layered, states: np.ndarray, actions: np.ndarray) -> np.ndarray:

@@ -1,5 +1,8 @@
 """Results on disk: atomic writes, tidy tables and prediction summaries.
 
+Long because every write the simulator makes goes through it (atomic files, folder locks and claims, tidy tables,
+summaries), so that crash safety has one implementation.
+
 Every experiment writes `OUT/<name>/results.{parquet,csv}` (tidy: one row per measurement),
 `OUT/<name>/summary.json` ({"checks": {id: Check}}) and `OUT/<name>/config.json`. Files are written to
 a temporary name (`.<name>.<pid>.<random>.tmp`) and renamed, so an interrupted run never leaves a

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
-from .exact import SoftSolution, soft_value
-from .mdp import Layered, TokenMDP, check_beta, safe_log
+from .exact import SoftSolution, soft_backward
+from .mdp import Layered, TokenMDP, check_beta, layered_arrays, row_sum_errors, safe_log
 
 MAX_SEQUENCE_ENTRIES = 2**24   # (prompts x action sequences x states) that `predetermined_returns` accepts
 
@@ -75,9 +75,7 @@ class StochasticMDP:
             want = (self.n_states[h], self.A, self.n_states[h + 1])
             if p.shape != want:
                 raise ValueError(f"P[{h}] must have shape {want} (n_h, A, n_h+1), got {p.shape}")
-            if np.any(~np.isfinite(p)) or np.any(p < 0):
-                raise ValueError(f"P[{h}] has negative or non-finite entries: rows must be distributions")
-            err = np.abs(p.sum(axis=2) - 1.0).max()
+            err = row_sum_errors(p, f"P[{h}]", axis=2).max()
             if err > 1e-8:
                 raise ValueError(f"P[{h}]: every P[{h}][s, a, :] must sum to 1 (max error {err:.3g}); normalize "
                                  "over the last axis")
@@ -120,9 +118,7 @@ class StochasticMDP:
         """Validate a layered Markov policy: H arrays (n_h, A) of non-negative rows summing to 1."""
         out = self._layered(policy, name)
         for h, p in enumerate(out):
-            if np.any(~np.isfinite(p)) or np.any(p < 0):
-                raise ValueError(f"{name}[{h}] has negative or non-finite entries: rows must be distributions")
-            err = np.abs(p.sum(axis=1) - 1.0).max()
+            err = row_sum_errors(p, f"{name}[{h}]").max()
             if err > 1e-8:
                 raise ValueError(f"{name}[{h}] has a row summing to {1 + err:.6g} or {1 - err:.6g}, not 1: normalize "
                                  "each row")
@@ -137,13 +133,7 @@ class StochasticMDP:
         return out
 
     def _layered(self, x, name: str) -> list[np.ndarray]:
-        if not isinstance(x, (list, tuple)) or len(x) != self.H:
-            raise ValueError(f"{name} must be a list of H={self.H} arrays of shape (n_h, A)")
-        out = [np.asarray(v, dtype=float) for v in x]
-        for h, v in enumerate(out):
-            if v.shape != (self.n_states[h], self.A):
-                raise ValueError(f"{name}[{h}] must have shape ({self.n_states[h]}, {self.A}), got {v.shape}")
-        return out
+        return layered_arrays(x, self.n_states, self.A, name)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -205,16 +195,7 @@ def soft_bellman_stochastic(mdp: StochasticMDP, reward: Layered, beta: float) ->
 
     Returns `exact.SoftSolution` (V, Q, log_policy layered). With one-hot P it equals `exact.soft_bellman`."""
     beta = check_beta(beta)
-    reward = mdp.check_reward(reward)
-    V: list = [None] * mdp.H
-    Q: list = [None] * mdp.H
-    logpi: list = [None] * mdp.H
-    V_next = None
-    for h in range(mdp.H - 1, -1, -1):
-        Q[h] = reward[h] + mdp.expected_next(h, V_next)
-        V[h], logpi[h] = soft_value(mdp.log_pi_ref[h], Q[h], beta)
-        V_next = V[h]
-    return SoftSolution(V=V, Q=Q, log_policy=logpi, beta=beta)
+    return soft_backward(mdp.log_pi_ref, mdp.check_reward(reward), beta, mdp.expected_next)
 
 
 @dataclass

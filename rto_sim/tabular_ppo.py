@@ -1,6 +1,9 @@
 """Practical RTO in the simulator: PPO on tabular softmax policies over a TokenMDP (docs/theory.md section 8,
 docs/practice.md sections 1-2, experiment E7).
 
+Long because it is the simulator's whole PPO (config, rollout, reward assembly through rto_sim.core, critics,
+update) with the docstring mapping each setting to its LLM-trainer name.
+
 The training loop mirrors the LLM trainer tensor for tensor. Per PPO update:
 
     1. generate   B episodes x ~ rho, y ~ pi_old from a vectorized gymnasium env -> (B, H) tokens, mask

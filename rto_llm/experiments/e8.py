@@ -1,5 +1,8 @@
 """E8: neural RTO against exact truth (docs/theory.md section 11; predictions S15-S19).
 
+Long because an experiment is one module by contract (Config, run, one check function per prediction); E8 has nine
+predictions and the grid of arms they need.
+
 The LLM stages (the code ``rto-llm <stage>`` runs) train tiny Llama policies on token tasks whose truth is
 computed exactly (``rto_llm.exact_eval``). Per seed and horizon H (a *prep* cell):
 
@@ -68,72 +71,64 @@ ROLLOUT_KEYS = {"rto/share_dpo": "share_dpo", "rto/share_score": "share_score", 
 
 @dataclass(frozen=True)
 class Config:
-    """Task: A tokens (the last one EOS), horizons H (one task per seed and H), n_prompts, structure and
-    feature_kind of the gold reward, return_var (its variance under pi_ref, fixed across H), eos_logit (added to
-    pi_ref's EOS logit: longer responses). Models: tiny Llama hidden_size x num_layers. SFT: n_sft rows,
-    sft_epochs, sft_lr. Preferences: n_pairs pairs (n_heldout more for held-out accuracy), nested fractions; RM
-    and DPO (beta_dpo) each pref_steps optimizer steps of pref_batch pairs at rm_lr / dpo_lr. RL: beta2 (KL
-    coefficient of every arm and the beta of the exact evaluation), arms at every H, data_arms at every fraction
-    at every H in data_H, slow_arms again at every H with the actor learning rate slow_lr (arm names "<arm>_slow");
-    RTO coefficients rto_beta1, rto_clip, rto_beta3 (rto, semi_rto, ddpo, rs_ppo,
-    rto_reinforce_pp; RS-PPO's sequence total is rs_ppo_beta3 R, PPO's by default, so that its objective is PPO's)
-    and paper_beta1, paper_clip, paper_beta3 (rto_paper); rollouts of rollout_batch responses,
-    train_batch, ppo_epochs, actor_lr, critic_lr; exact evaluation every eval_every rollouts. Seeds: seeds
-    paired seeds from seed0; workers processes (1 = in-process). Statistics: threshold (normalized SubOpt of
-    episodes-to-threshold), last_k final evaluations, margin (equivalence margin and smallest effect of
-    interest, normalized SubOpt), bootstrap resamples of the data ratio, min_dpo_share (design requirement: the
-    DPO term's share of the rto arm's return), min_seeds (fewer paired seeds: every statistical verdict is
-    inconclusive)."""
+    """The E8 grid; every field's default is the full grid, `quick()` the reduced one (one comment per field)."""
 
-    A: int = 3
-    H: tuple[int, ...] = (3, 10)
-    n_prompts: int = 4
-    structure: str = "last_token"
-    feature_kind: str = "bigram"
-    return_var: float = 1.0
-    eos_logit: float = -2.0
-    hidden_size: int = 64
-    num_layers: int = 2
-    n_sft: int = 4096
-    sft_epochs: int = 2
-    sft_lr: float = 3e-3
-    n_pairs: int = 1024
-    n_heldout: int = 256
-    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
-    pref_steps: int = 96
-    pref_batch: int = 32
-    rm_lr: float = 1e-3
-    dpo_lr: float = 1e-3
-    beta_dpo: float = 0.1
-    beta2: float = 0.1
-    arms: tuple[str, ...] = tuple(ARMS)
-    data_arms: tuple[str, ...] = ("ppo", "rto")
-    data_H: tuple[int, ...] = (3, 10)
-    slow_arms: tuple[str, ...] = ("ppo", "rto", "rs_ppo")
-    slow_lr: float = 2e-4
-    rto_beta1: float = 0.1
-    rto_clip: float = 0.0
-    rto_beta3: float = 0.5
-    rs_ppo_beta3: float = 1.0
-    paper_beta1: float = 0.05
-    paper_clip: float = 0.05
-    paper_beta3: float = 1.0
-    rollouts: int = 48
-    rollout_batch: int = 64
-    train_batch: int = 32
-    ppo_epochs: int = 1
-    actor_lr: float = 5e-4
-    critic_lr: float = 1e-3
-    eval_every: int = 4
-    seeds: int = 12
-    seed0: int = 0
-    workers: int = 2
-    threshold: float = 0.75
-    last_k: int = 3
-    margin: float = 0.05
-    bootstrap: int = 2000
-    min_dpo_share: float = 0.2
-    min_seeds: int = 3
+    # task (one per seed and H): the gold reward's variance under pi_ref is fixed across H
+    A: int = 3                          # tokens, the last one EOS
+    H: tuple[int, ...] = (3, 10)        # horizons (maximum response lengths)
+    n_prompts: int = 4                  # prompts of the task
+    structure: str = "last_token"       # automaton structure of the gold reward (rto_sim.token_task)
+    feature_kind: str = "bigram"        # feature class of the gold reward
+    return_var: float = 1.0             # Var_{pi_ref} of the gold return, per prompt
+    eos_logit: float = -2.0             # added to pi_ref's EOS logit (longer responses)
+    # models: tiny Llama actor / critic / RM / DPO
+    hidden_size: int = 64               # hidden width
+    num_layers: int = 2                 # transformer layers
+    # SFT of the reference on samples of pi_ref
+    n_sft: int = 4096                   # SFT rows
+    sft_epochs: int = 2                 # SFT epochs
+    sft_lr: float = 3e-3                # SFT learning rate
+    # preferences (Bradley-Terry on the gold reward); RM and DPO trained on the same pairs
+    n_pairs: int = 1024                 # training pairs
+    n_heldout: int = 256                # more pairs for held-out accuracy
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)   # nested data fractions (data-scaling part)
+    pref_steps: int = 96                # optimizer steps of the RM and of DPO
+    pref_batch: int = 32                # pairs per step
+    rm_lr: float = 1e-3                 # RM learning rate
+    dpo_lr: float = 1e-3                # DPO learning rate
+    beta_dpo: float = 0.1               # DPO temperature
+    # RL arms
+    beta2: float = 0.1                  # KL coefficient of every arm = beta of the exact evaluation
+    arms: tuple[str, ...] = tuple(ARMS)                 # arms run at every H
+    data_arms: tuple[str, ...] = ("ppo", "rto")         # arms run at every fraction at every H in data_H
+    data_H: tuple[int, ...] = (3, 10)                   # horizons of the data-scaling part
+    slow_arms: tuple[str, ...] = ("ppo", "rto", "rs_ppo")   # run again at slow_lr (arm names "<arm>_slow")
+    slow_lr: float = 2e-4               # actor learning rate of the slow arms
+    rto_beta1: float = 0.1              # beta1 of rto, semi_rto, ddpo, rs_ppo, rto_reinforce_pp
+    rto_clip: float = 0.0               # per-token clip of the DPO reward of those arms (0 = off)
+    rto_beta3: float = 0.5              # beta3 (RM score weight) of those arms
+    rs_ppo_beta3: float = 1.0           # RS-PPO's sequence total is rs_ppo_beta3 R (PPO's: same objective as PPO)
+    paper_beta1: float = 0.05           # beta1 of rto_paper (the paper's coefficients)
+    paper_clip: float = 0.05            # clip of rto_paper
+    paper_beta3: float = 1.0            # beta3 of rto_paper
+    rollouts: int = 48                  # PPO steps per run
+    rollout_batch: int = 64             # responses per rollout
+    train_batch: int = 32               # responses per optimizer step
+    ppo_epochs: int = 1                 # PPO epochs per rollout
+    actor_lr: float = 5e-4              # actor learning rate
+    critic_lr: float = 1e-3             # critic learning rate
+    eval_every: int = 4                 # exact evaluation every this many rollouts
+    # seeds and processes
+    seeds: int = 12                     # paired seeds (task, data and RL seed shared by every arm)
+    seed0: int = 0                      # first seed
+    workers: int = 2                    # processes (1 = in-process)
+    # statistics
+    threshold: float = 0.75             # normalized SubOpt of episodes-to-threshold
+    last_k: int = 3                     # final evaluations averaged
+    margin: float = 0.05                # equivalence margin = smallest effect of interest (normalized SubOpt)
+    bootstrap: int = 2000               # bootstrap resamples of the data ratio
+    min_dpo_share: float = 0.2          # design requirement: the DPO term's share of the rto arm's return
+    min_seeds: int = 3                  # fewer paired seeds: every statistical verdict is inconclusive
 
     @classmethod
     def quick(cls) -> Config:

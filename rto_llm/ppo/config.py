@@ -29,6 +29,7 @@ from rto_llm.config import (
     LogConfig,
     ModelConfig,
     TrainConfig,
+    check_at_least,
     opt,
     section,
 )
@@ -61,9 +62,7 @@ class RolloutOptions:
     )
 
     def validate(self, prefix: str) -> None:
-        for name in ("batch_size", "generation_batch_size", "forward_batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, prefix, 1, "batch_size", "generation_batch_size", "forward_batch_size", "max_new_tokens")
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature must be > 0, got {self.temperature}")
         assert_pure_sampling(self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens, prefix)
@@ -109,10 +108,8 @@ class RewardOptions:
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise ConfigError(f"{prefix}.path is required: a reward-model directory (train one with `rto-llm rm`)")
-        if self.beta3 < 0:
-            raise ConfigError(f"{prefix}.beta3 must be >= 0, got {self.beta3}")
-        if self.score_clip < 0:
-            raise ConfigError(f"{prefix}.score_clip must be >= 0 (0 = off), got {self.score_clip}")
+        check_at_least(self, prefix, 0, "beta3")
+        check_at_least(self, prefix, 0, "score_clip", note=" (0 = off)")
 
 
 @dataclass
@@ -129,8 +126,7 @@ class KLOptions:
     offload: bool = opt(False, "Keep the reference (and DPO model) on the CPU between rollouts.")
 
     def validate(self, prefix: str) -> None:
-        if self.beta2 < 0:
-            raise ConfigError(f"{prefix}.beta2 must be >= 0, got {self.beta2}")
+        check_at_least(self, prefix, 0, "beta2")
         if not 0.0 <= self.ref_ema_decay < 1.0:
             raise ConfigError(f"{prefix}.ref_ema_decay must be in [0, 1), got {self.ref_ema_decay}")
         if self.target <= 0 or self.horizon <= 0:
@@ -153,10 +149,8 @@ class RTOOptions:
     delimiters: str = opt(".,!,?,\\n", "Comma-separated delimiter strings ending a segment (semi_rto only).")
 
     def validate(self, prefix: str) -> None:
-        if self.beta1 < 0:
-            raise ConfigError(f"{prefix}.beta1 must be >= 0 (0 switches the DPO reward off), got {self.beta1}")
-        if self.dpo_clip < 0:
-            raise ConfigError(f"{prefix}.dpo_clip must be >= 0 (0 = no clip), got {self.dpo_clip}")
+        check_at_least(self, prefix, 0, "beta1", note=" (0 switches the DPO reward off)")
+        check_at_least(self, prefix, 0, "dpo_clip", note=" (0 = no clip)")
         if self.uses_dpo and not self.dpo_path:
             raise ConfigError(f"{prefix}.mode={self.mode} with beta1={self.beta1} needs {prefix}.dpo_path")
 
@@ -178,8 +172,7 @@ class CriticOptions:
     def validate(self, prefix: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
-        if self.warmup_rollouts < 0:
-            raise ConfigError(f"{prefix}.warmup_rollouts must be >= 0, got {self.warmup_rollouts}")
+        check_at_least(self, prefix, 0, "warmup_rollouts")
 
 
 @dataclass
@@ -204,16 +197,14 @@ class PPOOptions:
     shuffle: bool = opt(True, "Shuffle the buffer before each PPO epoch (seeded from train.seed, rollout, epoch).")
 
     def validate(self, prefix: str) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"{prefix}.epochs must be >= 1, got {self.epochs}")
+        check_at_least(self, prefix, 1, "epochs")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"{prefix}.gamma and {prefix}.lam must be in [0, 1]")
         if self.clip_eps <= 0:
             raise ConfigError(f"{prefix}.clip_eps must be > 0, got {self.clip_eps}")
         if self.dual_clip and self.dual_clip <= 1.0:
             raise ConfigError(f"{prefix}.dual_clip must be > 1 or 0 (off), got {self.dual_clip}")
-        if self.value_clip < 0:
-            raise ConfigError(f"{prefix}.value_clip must be >= 0, got {self.value_clip}")
+        check_at_least(self, prefix, 0, "value_clip")
 
 
 @dataclass

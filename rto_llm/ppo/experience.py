@@ -1,5 +1,8 @@
 """Rollouts: pure-sampling generation, the ``Experience`` record, and the no-grad passes that fill it.
 
+Long because the rollout is one pipeline (sample with the KV cache, score, assemble rewards, advantages) over one
+record, `Experience`; the sampler is kept beside the passes that consume its layout.
+
 Layout of a rollout buffer (B rows)::
 
     sequences   = [ left-padded prompt (width P) | response (width R), right-padded after the first EOS ]

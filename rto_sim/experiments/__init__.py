@@ -19,6 +19,7 @@ README.md ("Adding an experiment") shows a minimal module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -40,22 +41,42 @@ EXPERIMENTS = {
 }
 
 
-def get_experiment(name: str):
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+def get_experiment(name: str, registry: dict[str, str] | None = None):
+    """The module of experiment `name` in `registry` (default: the simulator's `EXPERIMENTS`)."""
+    registry = EXPERIMENTS if registry is None else registry
+    if name not in registry:
+        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(registry))}")
     try:
-        return importlib.import_module(EXPERIMENTS[name])
+        return importlib.import_module(registry[name])
     except ModuleNotFoundError as e:
-        if e.name == EXPERIMENTS[name]:
-            raise ValueError(f"experiment {name!r} is registered but not implemented yet ({EXPERIMENTS[name]})") from e
+        if e.name == registry[name]:
+            raise ValueError(f"experiment {name!r} is registered but not implemented yet ({registry[name]})") from e
         raise
 
 
-def make_config(name: str, quick: bool = False, **overrides):
+def make_config(name: str, quick: bool = False, registry: dict[str, str] | None = None, **overrides):
     """The `Config` of experiment `name` (full or quick grid) with `overrides` applied after type checks."""
-    cls = get_experiment(name).Config
+    cls = get_experiment(name, registry).Config
     cfg = cls.quick() if quick else cls()
     return dataclasses.replace(cfg, **check_overrides(cfg, overrides, name)) if overrides else cfg
+
+
+def undocumented_fields(cls) -> list[str]:
+    """The fields of a Config class that are documented nowhere: a field counts as documented when the class
+    docstring names it, or a comment ends its declaration line or stands on the line just above it."""
+    import inspect
+    import re
+
+    doc = cls.__doc__ or ""
+    lines = inspect.getsource(cls).splitlines()
+    missing = []
+    for f in dataclasses.fields(cls):
+        if re.search(rf"\b{re.escape(f.name)}\b", doc):
+            continue
+        i = next((k for k, line in enumerate(lines) if re.match(rf"\s+{re.escape(f.name)}\s*:", line)), None)
+        if i is None or not ("#" in lines[i] or (i > 0 and lines[i - 1].strip().startswith("#"))):
+            missing.append(f.name)
+    return missing
 
 
 def config_dict(cfg) -> dict:
@@ -142,7 +163,7 @@ def _non_finite(value) -> bool:
     return False
 
 
-def check_config(name: str, cfg) -> None:
+def check_config(name: str, cfg, registry: dict[str, str] | None = None) -> None:
     """Every check of a Config that can be made before anything runs or is written: numbers are finite,
     `seeds` / `workers` are integers >= 1, then the experiment's own `validate_config(cfg)` if it has one.
     Raises ValueError naming the field and the fix."""
@@ -154,20 +175,25 @@ def check_config(name: str, cfg) -> None:
         if f.name in COUNT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"config key {f.name!r} of {name} must be an integer >= 1, got {value!r}; for example "
                              f"--set {f.name}=3")
-    own = getattr(get_experiment(name), "validate_config", None)
+    own = getattr(get_experiment(name, registry), "validate_config", None)
     if own is not None:
         own(cfg)
 
 
 def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "parquet",
-                   overwrite: bool = False, **overrides) -> dict:
+                   overwrite: bool = False, registry: dict[str, str] | None = None, single_thread: bool = True,
+                   **overrides) -> dict:
     """Run one experiment into `out/name/`; returns the summary dict.
 
     Order of events: the whole config is built and validated (types, finiteness, the experiment's own
     `validate_config`) and `out` is checked to be a writable folder path before anything is written; then the
     folder is locked and claimed (`rto_sim.results.claimed_folder`: refused if another run holds it or if it
     holds results of another config; `overwrite` deletes the old results before the new config.json is
-    written); a run that fails before producing any result leaves nothing behind."""
+    written); a run that fails before producing any result leaves nothing behind.
+
+    `registry` maps names to modules (default `EXPERIMENTS`; `rto_llm.experiments` passes its own);
+    `single_thread` limits numpy/scipy BLAS to one thread (the simulator's many tiny fits; the LLM
+    experiments leave torch its threads)."""
     # imported here so that the registry (and `rto-sim --help`) does not load pandas
     from ..results import (
         atomic_write_json,
@@ -180,15 +206,15 @@ def run_experiment(name: str, out: str | Path, quick: bool = False, fmt: str = "
 
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"format must be 'parquet' or 'csv', got {fmt!r}")
-    mod = get_experiment(name)
-    cfg = make_config(name, quick, **overrides)
-    check_config(name, cfg)
+    mod = get_experiment(name, registry)
+    cfg = make_config(name, quick, registry, **overrides)
+    check_config(name, cfg, registry)
     cfg_json = config_dict(cfg)
     folder = Path(out) / name
     check_writable(folder)
     with claimed_folder(folder, cfg_json, overwrite=overwrite):
         t0 = time.perf_counter()
-        with single_thread_blas():
+        with single_thread_blas() if single_thread else contextlib.nullcontext():
             table = mod.run(cfg, folder)
             checks = mod.checks(table, cfg)
         wall = time.perf_counter() - t0

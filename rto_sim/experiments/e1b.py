@@ -164,16 +164,22 @@ def check_growth(table: pd.DataFrame, agg: pd.DataFrame, cfg: Config) -> Check:
     if len(g) < 2:
         return Check("bandit growth while N/K >= 20", 0.5, None, 0.1, "inconclusive", "fewer than two H with N/K >= 20")
     pts = seed_points(table, "bandit_mle", min(cfg.bandit_ridges)).loc[g.H]
-    res = rate_test(weighted_slope(np.log(g.K - 1), pts.log_rmse, pts.se), {}, GROWTH_BAND)
+    return _slope_check(
+        "slope of log RMSE_bandit (weak ridge) vs log(K-1) while N/K >= 20", 0.5, GROWTH_BAND, np.log(g.K - 1), pts,
+        f"H = {g.H.tolist()}, {int(pts.seeds.min())} seeds each; measured RMSE "
+        f"{np.round(g.rmse.to_numpy(), 4).tolist()} vs asymptotic sqrt((K-1)/(2 s N)) "
+        f"{np.round(g.rmse_pred_asym.to_numpy(), 4).tolist()}; ridge {min(cfg.bandit_ridges)}; minimal "
+        "detectable deviation")
+
+
+def _slope_check(quantity: str, predicted: float, band: tuple, x, pts: pd.DataFrame, note: str) -> Check:
+    """Slope of log RMSE (seed points `pts`: log_rmse, se) against `x`, tested against `band`; the note ends
+    with the minimal detectable deviation."""
+    res = rate_test(weighted_slope(x, pts.log_rmse, pts.se), {}, band)
     return Check(
-        quantity="slope of log RMSE_bandit (weak ridge) vs log(K-1) while N/K >= 20", predicted=0.5,
-        measured={"slope": res["est"], "ci95": [res["low"], res["high"]]},
-        tolerance=f"slope in {list(GROWTH_BAND)}: pass if the 90% interval lies inside, fail if the 95% one lies "
-                  "outside", verdict=res["verdict"],
-        note=(f"H = {g.H.tolist()}, {int(pts.seeds.min())} seeds each; measured RMSE "
-              f"{np.round(g.rmse.to_numpy(), 4).tolist()} vs asymptotic sqrt((K-1)/(2 s N)) "
-              f"{np.round(g.rmse_pred_asym.to_numpy(), 4).tolist()}; ridge {min(cfg.bandit_ridges)}; minimal "
-              f"detectable deviation {res['mde']:.3f}"))
+        quantity=quantity, predicted=predicted, measured={"slope": res["est"], "ci95": [res["low"], res["high"]]},
+        tolerance=f"slope in {list(band)}: pass if the 90% interval lies inside, fail if the 95% one lies outside",
+        verdict=res["verdict"], note=f"{note} {res['mde']:.3f}")
 
 
 def check_overfit(table: pd.DataFrame, agg: pd.DataFrame, d: pd.DataFrame, cfg: Config) -> Check:
@@ -234,16 +240,12 @@ def check_token(table: pd.DataFrame, agg: pd.DataFrame, d: pd.DataFrame) -> Chec
     """S4 (prediction): the token-MLE error is flat in H (slope interval against [-0.1, 0.1])."""
     tk = agg[agg.learner == "token_mle"].sort_values("H")
     pts = seed_points(table, "token_mle", float(tk.ridge.iloc[0])).loc[tk.H]
-    res = rate_test(weighted_slope(np.log(tk.K - 1), pts.log_rmse, pts.se), {}, TOKEN_BAND)
-    return Check(
-        quantity="slope of log RMSE_token vs log(K-1) over all H (flat)", predicted=0.0,
-        measured={"slope": res["est"], "ci95": [res["low"], res["high"]]},
-        tolerance=f"slope in {list(TOKEN_BAND)}: pass if the 90% interval lies inside, fail if the 95% one lies "
-                  "outside", verdict=res["verdict"],
-        note=(f"token RMSE by H {dict(zip(tk.H.tolist(), np.round(tk.rmse.to_numpy(), 4).tolist()))}; asymptotic "
-              f"sqrt(d_eff/(2 s N)) = {float(tk.rmse_pred_asym.mean()):.4f} (d_eff = A - 1 = {int(tk.d_eff.iloc[0])}); "
-              f"BT slope s by H {dict(zip(d.index.tolist(), np.round(d.bt_slope.to_numpy(), 4).tolist()))}; minimal "
-              f"detectable slope {res['mde']:.3f}"))
+    return _slope_check(
+        "slope of log RMSE_token vs log(K-1) over all H (flat)", 0.0, TOKEN_BAND, np.log(tk.K - 1), pts,
+        f"token RMSE by H {dict(zip(tk.H.tolist(), np.round(tk.rmse.to_numpy(), 4).tolist()))}; asymptotic "
+        f"sqrt(d_eff/(2 s N)) = {float(tk.rmse_pred_asym.mean()):.4f} (d_eff = A - 1 = {int(tk.d_eff.iloc[0])}); "
+        f"BT slope s by H {dict(zip(d.index.tolist(), np.round(d.bt_slope.to_numpy(), 4).tolist()))}; minimal "
+        "detectable slope")
 
 
 def checks(table: pd.DataFrame, cfg: Config) -> dict[str, Check]:

@@ -1,5 +1,8 @@
 """E3: policy quality from learned rewards (docs/theory.md sections 4 and 6, predictions S5, S6, S9, S24, S25).
 
+Long because an experiment is one module by contract (Config, run, one check function per prediction); E3 covers
+five predictions on three policy classes.
+
 One prompt, full tree A = 3, H = 6 (K = 729 responses), true linear token reward r* = <phi, theta*> of
 class unigram (d = 3, d_eff = 2) or random features (d = 8), theta* scaled so Var_{pi_ref}(R) = 0.25
 (`draw_theta`, one theta* per class; seeds vary the data). Pairs from mu = pi_ref, BT labels sampled.

@@ -1,5 +1,8 @@
 """E7: practical RTO -- PPO on shaped token rewards (docs/theory.md S12, S13, S20-S23; identity 11; RTO section 5).
 
+Long because an experiment is one module by contract (Config, run, one check function per prediction); E7 has two
+parts (learning speed and data efficiency) and eight predictions.
+
 Three parts, each a resumable sweep (`rto_sim.sweep`, `workers` processes) in a sub-folder of the results folder:
 
 1. **Learning speed where credit assignment is hard** (`e7_speed`, table section "speed"). On the prefix tree with
@@ -61,84 +64,70 @@ DATA_PAPER = "Fig. 4c: RTO with about 1/8 of the preference data matches PPO wit
 
 @dataclass(frozen=True)
 class Config:
-    """Learning speed (part 1): last-token automata with A tokens (no EOS), n_prompts prompts, horizons H in
-    `horizons`, true reward class `reward_class` with E_x Var_pi_ref R* = return_var; exact RM and exact DPO policy
-    pi*_{beta_dpo}; reward settings beta1, beta2 (also the true objective's beta), beta3, dpo_clip (the per-token
-    clip c of the DPO reward, None = off), segment_length (Semi-RTO). Arms: reward `modes` x `critics` ("none" =
-    REINFORCE++, "position_last_token", "tabular", "tree_tabular" = one value per prefix, run on the prefix tree
-    when H <= tree_max_H) x `actors` ("loglinear" over the feature classes `actor_features`, "tabular") x `settings`
-    ("batch:optimizer", e.g. "16:adam", "8:sgd"); learning rates `lr` per optimizer (a key "<actor>:<optimizer>"
-    overrides it for one actor; the SGD rates were set on the reference arm, PPO without critic at H = 10: the best
-    of a x4 grid) and `critic_lr` per optimizer, PPO `epochs` x `n_minibatches`, GAE `lam`, `n_updates` per actor;
-    `seeds` paired seeds (instance and rollout seed shared by every arm). Readouts: `thresholds` of progress (the
-    verdict uses `speedup_threshold`), diagnostics at `snr_updates` (verdict at `snr_update`), the speed-up's no-
-    effect margin `speedup_margin`, the asymptote TOST margin `asymptote_margin` over the last `last_k` updates
-    (convergence: the last window vs the one before, TOST within `converge_margin`), `n_boot` bootstrap resamples.
-    `grid`: "default" or "large" (LARGE_GRID replaces actors, settings, modes, tree_max_H, horizons).
-    Data efficiency (part 2): the automaton with data_A tokens (EOS if data_eos), horizon data_H; n_pairs pairs,
-    nested subsets at `fractions`; every `val_every`-th pair held out to choose the ridge of each RM (`rms`, grid
-    `rm_ridges`) and DPO model (`dpos`, grid `dpo_ridges`, on the logits), DPO temperature beta_dpo; converged
-    targets over `sweep_beta3` x `sweep_ratio` (= beta1 / beta_dpo); PPO arms `ppo_arms` with `ppo_updates` updates
-    of `ppo_batch_size` episodes; `data_seeds` seeds; ratio no-effect margin `ratio_margin`. S12 and the beta1 = 0
-    identity on the first `s12_seeds` data seeds (`s12_clips`, `s12_tolerance`). `workers`: sweep processes;
-    `seed0`: first seed index."""
+    """The E7 grid; every field's default is the full grid, `quick()` the reduced one (one comment per field)."""
 
-    A: int = 3
-    horizons: tuple[int, ...] = (5, 10, 20, 40)
-    n_prompts: int = 2
-    reward_class: str = "bigram"
-    return_var: float = 0.25
-    beta_dpo: float = 0.1
-    beta1: float = 0.05
-    beta2: float = 0.1
-    beta3: float = 1.0
-    dpo_clip: float | None = None
-    segment_length: int = 2
-    modes: tuple[str, ...] = ("ppo", "rs_ppo", "rto", "ddpo")
-    critics: tuple[str, ...] = ("none", "position_last_token", "tabular", "tree_tabular")
-    tree_max_H: int = 5
-    actors: tuple[str, ...] = ("loglinear",)
-    actor_features: tuple[str, ...] = ("bigram",)
-    settings: tuple[str, ...] = ("16:adam",)
+    # part 1, learning speed: last-token automata (no EOS), exact RM and exact DPO policy pi*_{beta_dpo}
+    A: int = 3                                  # tokens
+    horizons: tuple[int, ...] = (5, 10, 20, 40)   # horizons H
+    n_prompts: int = 2                          # prompts
+    reward_class: str = "bigram"                # true reward class
+    return_var: float = 0.25                    # E_x Var_{pi_ref} R*
+    beta_dpo: float = 0.1                       # temperature of the exact DPO policy
+    beta1: float = 0.05                         # weight of the DPO token reward
+    beta2: float = 0.1                          # KL coefficient; also the true objective's beta
+    beta3: float = 1.0                          # weight of the RM score
+    dpo_clip: float | None = None               # per-token clip c of the DPO reward (None = off)
+    segment_length: int = 2                     # Semi-RTO segment length
+    modes: tuple[str, ...] = ("ppo", "rs_ppo", "rto", "ddpo")   # reward modes (arms: modes x critics x actors x
+    critics: tuple[str, ...] = ("none", "position_last_token", "tabular", "tree_tabular")   # settings); "none" =
+    # REINFORCE++, "tree_tabular" = one value per prefix, run on the prefix tree when H <= tree_max_H
+    tree_max_H: int = 5                         # largest H of the tree critic
+    actors: tuple[str, ...] = ("loglinear",)    # "loglinear" (over actor_features) or "tabular"
+    actor_features: tuple[str, ...] = ("bigram",)   # feature classes of the log-linear actor
+    settings: tuple[str, ...] = ("16:adam",)    # "batch:optimizer", e.g. "16:adam", "8:sgd"
+    # actor learning rate per optimizer; a key "<actor>:<optimizer>" overrides it for one actor (the SGD rates were
+    # set on the reference arm, PPO without critic at H = 10: the best of a x4 grid)
     lr: dict[str, float] = field(default_factory=lambda: {"adam": 0.05, "sgd": 2.0, "tabular:sgd": 8.0})
-    critic_lr: dict[str, float] = field(default_factory=lambda: {"adam": 0.1, "sgd": 0.5})
-    n_updates: dict[str, int] = field(default_factory=lambda: {"loglinear": 20, "tabular": 40})
-    epochs: int = 2
-    n_minibatches: int = 2
-    lam: float = 0.95
-    seeds: int = 16
-    thresholds: tuple[float, ...] = (0.5, 0.8)
-    speedup_threshold: float = 0.8
-    snr_updates: tuple[int, ...] = (1, 5, 15)
-    snr_update: int = 5
-    speedup_margin: float = 1.25
-    asymptote_margin: float = 0.05
-    converge_margin: float = 0.02
-    last_k: int = 5
-    n_boot: int = 2000
-    grid: str = "default"
-    data_A: int = 4
-    data_H: int = 5
-    data_eos: bool = True
-    n_pairs: int = 2000
-    fractions: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
-    val_every: int = 5
-    rms: tuple[str, ...] = ("bandit", "token_mle")
-    dpos: tuple[str, ...] = ("tree", "automaton")
-    rm_ridges: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
-    dpo_ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    sweep_beta3: tuple[float, ...] = (0.0, 0.5, 1.0)
-    sweep_ratio: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    ppo_arms: tuple[str, ...] = ("ppo:bandit", "rto:bandit:tree", "rto:bandit:automaton")
-    ppo_updates: int = 20
-    ppo_batch_size: int = 64
-    data_seeds: int = 16
-    ratio_margin: float = 1.5
-    s12_seeds: int = 6
-    s12_clips: tuple[float | None, ...] = (None, 0.05)
-    s12_tolerance: float = 1e-10
-    workers: int = 2
-    seed0: int = 0
+    critic_lr: dict[str, float] = field(default_factory=lambda: {"adam": 0.1, "sgd": 0.5})   # per optimizer
+    n_updates: dict[str, int] = field(default_factory=lambda: {"loglinear": 20, "tabular": 40})   # per actor
+    epochs: int = 2                             # PPO epochs per batch
+    n_minibatches: int = 2                      # minibatches per epoch
+    lam: float = 0.95                           # GAE lambda
+    seeds: int = 16                             # paired seeds (instance and rollout seed shared by every arm)
+    thresholds: tuple[float, ...] = (0.5, 0.8)  # progress thresholds read out
+    speedup_threshold: float = 0.8              # the one the verdict uses
+    snr_updates: tuple[int, ...] = (1, 5, 15)   # updates with advantage diagnostics
+    snr_update: int = 5                         # the one the verdict uses
+    speedup_margin: float = 1.25                # no-effect margin of the speed-up ratio
+    asymptote_margin: float = 0.05              # TOST margin of the asymptote, over the last last_k updates
+    converge_margin: float = 0.02               # convergence: last window vs the one before, TOST margin
+    last_k: int = 5                             # updates per window
+    n_boot: int = 2000                          # bootstrap resamples
+    grid: str = "default"                       # "default" or "large" (LARGE_GRID replaces actors, settings,
+    #                                             modes, tree_max_H, horizons)
+    # part 2, data efficiency: one automaton, learned RMs and DPO models
+    data_A: int = 4                             # tokens
+    data_H: int = 5                             # horizon
+    data_eos: bool = True                       # with an EOS token
+    n_pairs: int = 2000                         # preference pairs
+    fractions: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)   # nested subsets
+    val_every: int = 5                          # every val_every-th pair is held out to choose the ridges
+    rms: tuple[str, ...] = ("bandit", "token_mle")   # reward models
+    dpos: tuple[str, ...] = ("tree", "automaton")    # DPO models (on the logits)
+    rm_ridges: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)   # RM ridge grid
+    dpo_ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # DPO ridge grid
+    sweep_beta3: tuple[float, ...] = (0.0, 0.5, 1.0)   # converged targets over beta3 x
+    sweep_ratio: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)   # beta1 / beta_dpo
+    ppo_arms: tuple[str, ...] = ("ppo:bandit", "rto:bandit:tree", "rto:bandit:automaton")   # PPO arms
+    ppo_updates: int = 20                       # updates per PPO arm
+    ppo_batch_size: int = 64                    # episodes per update
+    data_seeds: int = 16                        # seeds of part 2
+    ratio_margin: float = 1.5                   # no-effect margin of the data ratio
+    s12_seeds: int = 6                          # S12 and the beta1 = 0 identity on the first s12_seeds data seeds
+    s12_clips: tuple[float | None, ...] = (None, 0.05)   # clips of S12
+    s12_tolerance: float = 1e-10                # tolerance of S12
+    workers: int = 2                            # sweep processes
+    seed0: int = 0                              # first seed index
 
     @classmethod
     def quick(cls) -> Config:

@@ -60,3 +60,16 @@ def assert_runs_match(ref_dir, got_dir, n_steps: int, init_dir, grad_norm_rel: f
         torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=0)
     init = load_file(os.path.join(init_dir, "model.safetensors"))
     assert max((init[k] - a[k]).abs().max().item() for k in a) > 100 * TOL  # training really moved weights
+
+
+def data_cfg(**kw):
+    """A DataConfig with a placeholder train_path and the given fields."""
+    from rto_llm.config import DataConfig
+
+    return DataConfig(**{"train_path": "x", **kw})
+
+
+def write_jsonl(path, rows) -> str:
+    """Write `rows` as JSON lines to `path`; returns the path as a string."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -3,7 +3,6 @@ import json
 import pandas as pd
 import pytest
 
-from rto_llm.config import DataConfig
 from rto_llm.data import (
     DataError,
     build_preference_examples,
@@ -14,15 +13,9 @@ from rto_llm.data import (
     load_examples,
     read_rows,
 )
+from tests.rto_llm.lm_helpers import data_cfg, write_jsonl
 
-
-def _cfg(**kw):
-    return DataConfig(**{"train_path": "x", **kw})
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+_cfg, _write = data_cfg, write_jsonl
 
 
 def test_prompt_response_with_chat_template(tmp_path, tiny_tokenizer):

@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from rto_llm.config import ConfigError, DataConfig, SFTConfig, load_config
+from rto_llm.config import ConfigError, SFTConfig, load_config
 from rto_llm.data import (
     DataError,
     build_preference_examples,
@@ -20,15 +20,9 @@ from rto_llm.data import (
     read_rows,
 )
 from rto_llm.testing import build_llama3_style_tokenizer
+from tests.rto_llm.lm_helpers import data_cfg, write_jsonl
 
-
-def _cfg(**kw):
-    return DataConfig(**{"train_path": "x", **kw})
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+_cfg, _write = data_cfg, write_jsonl
 
 
 def _u(text):
