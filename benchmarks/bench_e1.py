@@ -76,10 +76,10 @@ def main() -> int:
     if args.write_md:
         cmd = "PYTHONPATH=. .venv/bin/python benchmarks/bench_e1.py " + " ".join(sys.argv[1:])
         md = (f"# E1 benchmark (full statistical-scaling grid)\n\nCommand: `{cmd}`\n\n"
-              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. The CPU was "
-              "SHARED with other jobs (other helpers' tests and experiments) while this ran: the load average is "
-              "printed below; on an idle machine expect the wall time to shrink by roughly the load / cores "
-              "ratio.\n\nTarget (issue): full E1 grid under 5 minutes on this 2-core machine.\n\n"
+              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. Other "
+              "processes may share the CPU: the load average before and after is printed below; under load expect "
+              "the wall time to grow by roughly the load / cores ratio.\n\n"
+              "Target (issue): full E1 grid under 5 minutes on this 2-core machine.\n\n"
               f"```\n{text}\n```\n")
         Path(__file__).parent.joinpath("results", "e1.md").write_text(md)
     if tmp is not None:
