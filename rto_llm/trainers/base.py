@@ -23,7 +23,7 @@ from rto_llm import checkpoint as ckpt
 from rto_llm import lifecycle
 from rto_llm.config import ConfigError, save_config, to_dict
 from rto_llm.data import load_examples, step_indices
-from rto_llm.distributed import all_reduce_sum, barrier, create_engine, init_distributed
+from rto_llm.distributed import all_reduce_sum, barrier, create_engine, init_distributed, zero3_init
 from rto_llm.evaluation import supervised_eval
 from rto_llm.guard import NonFiniteGuard
 from rto_llm.logging import MetricsLogger, setup_console_logging
@@ -80,6 +80,13 @@ class Trainer:
     def micro_batch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float], float]:
         """(loss averaged over the micro-batch's units, metrics averaged the same way, number of units)."""
         raise NotImplementedError
+
+    def trained_init(self):
+        """The context in which ``build_model`` constructs the trained model: under ZeRO-3 it is built partitioned
+        (``distributed.zero3_init``: no process holds the full model), otherwise a no-op. Models that must run a
+        forward pass before the engine exists (a frozen reference) are built outside it."""
+        ds = self.cfg.deepspeed
+        return zero3_init(ds, "bfloat16" if ds.bf16 else self.cfg.model.dtype, self.info.device)
 
     def before_engine(self) -> None:
         """Stage set-up that needs the model and data but not the optimizer (e.g. reference log-probs)."""

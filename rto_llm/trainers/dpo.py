@@ -37,7 +37,11 @@ class DPOTrainer(Trainer):
 
     def build_model(self):
         m, d = self.cfg.model, self.cfg.dpo
-        policy = load_causal_lm(m, trainable=True, tokenizer=self.tokenizer)
+        # partitioned at load under ZeRO-3, except with LoRA and precompute_ref: the reference log-probs are then
+        # the policy's own (adapter off), computed before the engine exists, which needs the full parameters
+        partition = m.lora_rank == 0 or not d.precompute_ref
+        with self.trained_init() if partition else nullcontext():
+            policy = load_causal_lm(m, trainable=True, tokenizer=self.tokenizer)
         self.reference = None
         if m.lora_rank == 0:
             ref_path = d.ref_path or m.path

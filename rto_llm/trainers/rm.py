@@ -26,8 +26,9 @@ class RMTrainer(Trainer):
     data_kind = "preference"
 
     def build_model(self):
-        return load_scalar_model(self.cfg.model, trainable=True, head_init_std=self.cfg.rm.head_init_std,
-                                 tokenizer=self.tokenizer)
+        with self.trained_init():
+            return load_scalar_model(self.cfg.model, trainable=True, head_init_std=self.cfg.rm.head_init_std,
+                                     tokenizer=self.tokenizer)
 
     def collate(self, examples):
         return collate_pairs(examples, self.pad_id)

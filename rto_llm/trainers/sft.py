@@ -14,7 +14,8 @@ class SFTTrainer(Trainer):
     model_kind = "causal_lm"
 
     def build_model(self):
-        return load_causal_lm(self.cfg.model, trainable=True, tokenizer=self.tokenizer)
+        with self.trained_init():
+            return load_causal_lm(self.cfg.model, trainable=True, tokenizer=self.tokenizer)
 
     def collate(self, examples):
         return collate_sft(examples, self.pad_id)

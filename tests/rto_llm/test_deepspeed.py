@@ -28,7 +28,7 @@ def _args(cfg) -> list[str]:
             "log.tensorboard=false", "train.device=cpu", f"train.batch_size={cfg.train.batch_size}"]
 
 
-@pytest.mark.parametrize("backend", ["deepspeed-zero2", "torch"])
+@pytest.mark.parametrize("backend", ["deepspeed-zero2", "deepspeed-zero3", "torch"])
 def test_two_process_sft_matches_single_process(make_cfg, tmp_path, backend):
     from rto_llm.trainers.sft import SFTTrainer
 
@@ -38,7 +38,7 @@ def test_two_process_sft_matches_single_process(make_cfg, tmp_path, backend):
     SFTTrainer(cfg).train()
     single = cfg.train.output_dir
     ds_dir = tmp_path / "multi"
-    engine = ["deepspeed.enabled=true", "deepspeed.zero_stage=2"] if backend != "torch" else []
+    engine = ["deepspeed.enabled=true", f"deepspeed.zero_stage={backend[-1]}"] if backend != "torch" else []
     _torchrun("sft", _args(cfg) + ["train.lr=3e-3", "train.max_steps=4", "train.micro_batch_size=4",
                                    f"train.output_dir={ds_dir}", *engine])
     assert_runs_match(single, ds_dir, 4, cfg.model.path)

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO with CPU optimizer offload and bf16 on the SFT stage (one process, CPU, gloo), and the
+"""DeepSpeed ZeRO with CPU optimizer offload and bf16 on the SFT stage (one process, CPU, gloo; under ZeRO-3
+the model is built partitioned, before the engine exists), and the
 Hugging Face ``datasets`` input path (``hf:DIR`` of a dataset saved locally; no network).
 
 Offload: a one-process run with ``deepspeed.offload=true`` (ZeRO-2: optimizer states on the CPU with the
@@ -29,13 +30,15 @@ _REPORT = (
     "import json, sys, rto_llm.distributed as d\n"
     "init = d.DeepSpeedEngine.__init__\n"
     "def report(self, *a, **k):\n"
+    "    built_partitioned = d.is_partitioned(a[0] if a else k['model'])\n"
     "    init(self, *a, **k)\n"
     "    e, o = self.engine, self.engine.optimizer\n"
     "    print('DSREPORT ' + json.dumps({'cpu_offload': bool(e.zero_cpu_offload()),\n"
     "        'offload_param': e.zero_offload_param() is not None, 'bf16': bool(e.bfloat16_enabled()),\n"
     "        'zero_optimizer_offload': bool(getattr(o, 'cpu_offload', False) or getattr(o, 'offload_optimizer', 0)),\n"
     "        'client_optimizer': type(getattr(o, 'optimizer', o)).__name__,\n"
-    "        'param_dtype': str(next(self.module.parameters()).dtype)}), flush=True)\n"
+    "        'param_dtype': str(next(self.module.parameters()).dtype), 'built_partitioned': built_partitioned}),\n"
+    "        flush=True)\n"
     "d.DeepSpeedEngine.__init__ = report\n"
     "from rto_llm.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
@@ -80,6 +83,7 @@ def test_zero_cpu_offload_sft_matches_plain_torch(torch_sft_run, tiny_model_dir,
     # DeepSpeed runs its offload path (on a CPU-only machine the states stay in host memory either way)
     assert ds["cpu_offload"] and ds["zero_optimizer_offload"] and ds["client_optimizer"] == "AdamW"
     assert ds["offload_param"] == (zero_stage == 3) and not ds["bf16"]
+    assert ds["built_partitioned"] == (zero_stage == 3)     # ZeRO-3: the model is partitioned at load (zero3_init)
     assert_runs_match(torch_sft_run, out, STEPS, tiny_model_dir, grad_norm_rel=1e-4)
 
 
