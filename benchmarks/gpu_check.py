@@ -18,6 +18,10 @@ Sections (each prints its figures; a failing section prints its error and the ru
    one untimed warm-up rollout, then one timed rollout); the actor's dtype and attention implementation
    as the sampler sees them (``model.dtype`` and ``model.attn_implementation`` must reach generation).
 4. one DeepSpeed ZeRO-2 PPO step (skipped with a note when deepspeed is not importable).
+5. PPO vs RTO on a token task at a size only a GPU makes practical (``rto_llm.quickstart`` with TOKEN_TASK_GPU:
+   16 task tokens, horizon 24, 8 prompts, a 4-layer Llama of width 256, 48 rollouts of 256 responses): stage
+   times and the gold SubOpt / J / KL of SFT, PPO and RTO, evaluated by sampling (16^24 responses per prompt
+   cannot be enumerated). On ``--device cpu`` a tiny version of the same pipeline.
 
 Random weights from a config (no download). Works with torch >= 2.3 (uses nothing newer than 2.11) and
 any transformers the trainer supports (StaticCache is feature-detected). With ``$OUT`` set, the printed
@@ -376,6 +380,46 @@ def over_budget(what: str) -> bool:
 ARGS = None
 
 
+# section 5 sizes: task.yaml sections merged, stage overrides appended (rto_llm.quickstart.run(sizes=...))
+_RL_GPU = ["ppo.max_rollouts=48", "rollout.batch_size=256", "rollout.generation_batch_size=256",
+           "rollout.forward_batch_size=256", "train.batch_size=128", "train.micro_batch_size=64", "eval.every=8",
+           "eval.batch_size=256"]
+TOKEN_TASK_GPU = {
+    "task": {"A": 16, "H": 24, "n_prompts": 8}, "export": {"n_sft": 16384, "n_rl_prompts": 2048,
+                                                          "hidden_size": 256, "num_layers": 4},
+    "preferences": {"n_pairs": 4096},
+    "sft": ["train.batch_size=256", "train.micro_batch_size=128"],
+    "rm": ["train.max_steps=200", "train.batch_size=64", "train.micro_batch_size=64"],
+    "dpo": ["train.max_steps=200", "train.batch_size=64", "train.micro_batch_size=64"],
+    "ppo": _RL_GPU, "rto": _RL_GPU,
+}
+
+
+def section_token_task(args, root: str) -> None:
+    """PPO vs RTO on a token task through the quickstart pipeline (module docstring, section 5)."""
+    from rto_llm import quickstart
+
+    say("== 5. PPO vs RTO on a token task")
+    sizes = quickstart.TINY
+    if args.device == "cuda":
+        sizes = {**TOKEN_TASK_GPU, **{k: [*TOKEN_TASK_GPU[k], "train.device=cuda"] for k in quickstart.STAGE_FILES}}
+    t = time.perf_counter()
+    try:
+        res = quickstart.run(os.path.join(root, "token_task"), sizes=sizes, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        say(f"token task: FAILED {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return
+    pol = res["policies"]
+    say(f"pipeline {time.perf_counter() - t:.1f} s; stages (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_s"].items()))
+    say(f"{'policy':<6} {'SubOpt':>8} {'J':>8} {'KL':>7}  (beta {res['beta']:g}; J* {res['J_star']:.4f})")
+    for k, v in pol.items():
+        say(f"{k.upper():<6} {v['sub_opt']:8.4f} {v['J']:8.4f} {v['kl']:7.3f}")
+    FIGURES["token_task"] = {"stage_s": res["stage_s"], "policies": pol, "J_star": res["J_star"],
+                             "rto_share_dpo": res["rto_share_dpo"], "sizes": sizes}
+
+
 def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -392,7 +436,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=None)
     ap.add_argument("--forward-batch", type=int, default=None)
     ap.add_argument("--ppo-static-cache", action="store_true", help="PPO steps with rollout.static_cache (+compile)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: generation,steps,zero2")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: generation,steps,zero2,token_task")
     ap.add_argument("--budget-s", type=float, default=420.0)
     args = ap.parse_args()
     ARGS = args
@@ -429,6 +473,9 @@ def main() -> None:
                     section_steps(args, paths, root)
                 if "zero2" not in skip:
                     section_zero2(args, paths, root)
+        if "token_task" not in skip and not over_budget("the token task"):
+            with tempfile.TemporaryDirectory() as root:
+                section_token_task(args, root)
     finally:
         say(f"total {time.perf_counter() - T0:.1f} s")
         write_out()

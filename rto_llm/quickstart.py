@@ -76,8 +76,13 @@ def _plot(curves: dict, sft: dict, out: Path) -> Path:
 
 
 def run(out: str | os.PathLike, configs: str | os.PathLike = DEFAULT_CONFIGS, tiny: bool = False,
-        verbose: bool = True) -> dict:
-    """Run the quickstart into `out` (module docstring); returns the summary written to OUT/quickstart.json."""
+        verbose: bool = True, sizes: dict | None = None) -> dict:
+    """Run the quickstart into `out` (module docstring); returns the summary written to OUT/quickstart.json.
+
+    `sizes` (default: none; `tiny` uses TINY) changes the shipped settings, in TINY's layout: for "task",
+    "export" and "preferences" a mapping merged into task.yaml's section, for a stage name a list of
+    ``key=value`` overrides (benchmarks/gpu_check.py runs a GPU-sized task this way)."""
+    sizes = TINY if tiny and sizes is None else (sizes or {})
     import torch
 
     from rto_llm.exact_eval import evaluate_policy
@@ -95,8 +100,7 @@ def run(out: str | os.PathLike, configs: str | os.PathLike = DEFAULT_CONFIGS, ti
     for key in ("task", "export", "preferences"):
         if not isinstance(spec.get(key), dict):
             raise ValueError(f"{configs / 'task.yaml'}: needs a mapping '{key}:' (see the shipped file)")
-        if tiny:
-            spec[key] = {**spec[key], **TINY.get(key, {})}
+        spec[key] = {**spec[key], **sizes.get(key, {})}
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     times: dict[str, float] = {}
@@ -116,7 +120,7 @@ def run(out: str | os.PathLike, configs: str | os.PathLike = DEFAULT_CONFIGS, ti
 
         def stage(name: str, over: list[str], step: str, hook=None):
             t0 = time.perf_counter()
-            extra = TINY.get(name, []) if tiny else []
+            extra = list(sizes.get(name, []))
             tr, hist = run_stage("rto" if name == "rto" else name, [*over, *common, *extra],
                                  config=str(configs / f"{name}.yaml"), hook=hook)
             times[name] = time.perf_counter() - t0
@@ -150,7 +154,7 @@ def run(out: str | os.PathLike, configs: str | os.PathLike = DEFAULT_CONFIGS, ti
     summary = {"out": str(out), "beta": beta, "J_star": res["sft"].J_star, "wall_s": time.perf_counter() - t_start,
                "stage_s": times, "rto_share_dpo": sum(share) / len(share) if share else None,
                "policies": {k: {m: getattr(v, m) for m in ("sub_opt", "J", "expected_return", "kl", "win_rate",
-                                                            "valid_mass")} for k, v in res.items()},
+                                                            "valid_mass", "method")} for k, v in res.items()},
                "curves": {k: [{"step": r["step"], "sub_opt": r["eval/gold_subopt"],
                                "gold_return": r["eval/gold_return"], "kl": r["eval/gold_kl"]} for r in v]
                           for k, v in curves.items()},

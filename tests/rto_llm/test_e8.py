@@ -345,6 +345,49 @@ def test_quickstart_tiny(tmp_path):
     assert s["curves"]["ppo"][-1]["sub_opt"] == pytest.approx(s["policies"]["ppo"]["sub_opt"], abs=1e-6)
 
 
+def test_quickstart_sizes_reach_every_step_and_a_large_task_is_evaluated_by_sampling(tmp_path):
+    """`quickstart.run(sizes=...)` (what benchmarks/gpu_check.py uses): the task, export and preference sizes and
+    each stage's overrides are applied; a task too large to enumerate (8^12 responses per prompt) is evaluated
+    by sampling, by the trainers and at the end."""
+    from rto_llm import quickstart
+
+    small = ["ppo.max_rollouts=1", "rollout.batch_size=8", "rollout.generation_batch_size=8",
+             "rollout.forward_batch_size=8", "train.batch_size=8", "train.micro_batch_size=8", "eval.every=1"]
+    sizes = {**quickstart.TINY, "task": {"A": 8, "H": 12, "n_prompts": 2},
+             "export": {**quickstart.TINY["export"], "hidden_size": 16, "num_layers": 1},
+             "ppo": small, "rto": small}
+    s = quickstart.run(tmp_path / "qs", sizes=sizes, verbose=False)
+    assert {v["method"] for v in s["policies"].values()} == {"sampled"}
+    task = json.loads((tmp_path / "qs" / "task" / "task.json").read_text())
+    assert (task["A"], task["H"], task["n_prompts"]) == (8, 12, 2)
+    assert len((tmp_path / "qs" / "prefs.jsonl").read_text().splitlines()) == quickstart.TINY["preferences"]["n_pairs"]
+    assert [r["step"] for r in s["curves"]["ppo"]] == [0, 1]      # eval.every=1, max_rollouts=1 reached the stage
+    assert all(np.isfinite(v[k]) for v in s["policies"].values() for k in ("sub_opt", "J", "kl"))
+
+
+def test_gpu_check_token_task_sizes_are_valid_stage_configs():
+    """benchmarks/gpu_check.py section 5 cannot run here (it needs a GPU): its sizes at least build the task and
+    load as the shipped stage configs (every override a known key with a valid value)."""
+    import importlib.util
+
+    from rto_llm.cli import STAGES
+    from rto_llm.config import load_config
+    from rto_llm.experiments.pipeline import stage_overrides
+    from rto_llm.quickstart import DEFAULT_CONFIGS, STAGE_FILES, _read_yaml
+    from rto_sim.token_task import make_token_task
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    sizes = gpu_check.TOKEN_TASK_GPU
+    task = make_token_task(**{**_read_yaml(DEFAULT_CONFIGS / "task.yaml")["task"], **sizes["task"]})
+    assert (task.A, task.H) == (16, 24)
+    for stage in STAGE_FILES:
+        cfg = load_config(STAGES[stage][0], str(DEFAULT_CONFIGS / f"{stage}.yaml"),
+                          [*sizes[stage], *stage_overrides(task), "train.device=cpu"])
+        assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
+
+
 def test_quickstart_refuses_a_config_folder_without_the_files(tmp_path, capsys):
     from rto_llm.quickstart import main
 
