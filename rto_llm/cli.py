@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise                                  # a bug: keep the traceback
         return _fail(args.stage, message)
+    from rto_llm.distributed import shutdown
+
+    shutdown(trainer.info)
     return 0
 
 

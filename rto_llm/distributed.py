@@ -93,6 +93,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(info: DistInfo) -> None:
+    """End of a successful multi-process run (a launcher's WORLD_SIZE > 1): destroy the process group while the
+    interpreter is fully alive; a gloo group left to interpreter finalization can abort the process ("terminate
+    called without an active exception", exit -6; pytorch/pytorch#190489). Not called after an error: another
+    process may still be in a collective, and destroying the group then can deadlock (torchtitan does the same).
+    A one-process group (tests, in-process stages) is left alone for the next stage of the same process."""
+    if info.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
