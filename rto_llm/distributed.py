@@ -94,12 +94,15 @@ def barrier() -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    """End of a successful multi-process run (a launcher's WORLD_SIZE > 1): destroy the process group while the
-    interpreter is fully alive; a gloo group left to interpreter finalization can abort the process ("terminate
-    called without an active exception", exit -6; pytorch/pytorch#190489). Not called after an error: another
-    process may still be in a collective, and destroying the group then can deadlock (torchtitan does the same).
-    A one-process group (tests, in-process stages) is left alone for the next stage of the same process."""
+    """End of a successful multi-process run (a launcher's WORLD_SIZE > 1): wait until every process is done
+    (rank 0 may still be writing the export that the others skip), then destroy the process group while the
+    interpreter is fully alive. A process that left early, or a gloo group left to interpreter finalization,
+    aborted the process in CI ("terminate called without an active exception", exit -6; see
+    pytorch/pytorch#190489). Not called after an error: another process may still be in a collective, and a
+    barrier or destroy then can deadlock (torchtitan does the same). A one-process group (tests, in-process
+    stages) is left alone for the next stage of the same process."""
     if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

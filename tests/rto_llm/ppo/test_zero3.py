@@ -191,7 +191,9 @@ def test_zero3_builds_shards_and_gathers_once_on_two_processes(fx):
 def _torchrun(fx, out, *extra) -> list[dict]:
     from rto_llm.distributed import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONFAULTHANDLER: a process that aborts (SIGABRT) prints every thread's Python stack into the failure
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1"}
     over = _over(fx, out, *extra)
     for _ in range(2):  # a free port can be taken by another job before torchrun binds it: retry once
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
