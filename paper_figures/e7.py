@@ -167,15 +167,13 @@ def _snr(sp, cfg, info, out) -> list[Path]:
 def _data_scaling(df, cfg, info, out) -> list[Path]:
     d = df[df.section == "data"]
     fig, axes = plt.subplots(1, len(cfg.rms), figsize=(4.6 * len(cfg.rms), 3.3), squeeze=False, sharey=True)
+    kinds = (("converged", "converged", "--", None), ("ppo", "PPO, budget", "-", "o"))   # kind, label, line, marker
+    curves = {kind: e7_exp.data_curves(df, cfg, kind) for kind, *_ in kinds}             # once, not per panel
     for ax, rm in zip(axes[0], cfg.rms):
-        conv = e7_exp.data_curves(df, cfg, "converged")
-        for arm in [a for a in conv.columns if a.split(":")[1] == rm]:
-            g = conv[arm].rename("value").reset_index()
-            _line(ax, g, "n_data", f"{arm} (converged)", COLORS.get(arm), "--")
-        ppo = e7_exp.data_curves(df, cfg, "ppo")
-        for arm in [a for a in ppo.columns if a.split(":")[1] == rm]:
-            g = ppo[arm].rename("value").reset_index()
-            _line(ax, g, "n_data", f"{arm} (PPO, budget)", COLORS.get(arm), "-", marker="o")
+        for kind, label, ls, marker in kinds:
+            for arm in [a for a in curves[kind].columns if a.split(":")[1] == rm]:
+                g = curves[kind][arm].rename("value").reset_index()
+                _line(ax, g, "n_data", f"{arm} ({label})", COLORS.get(arm), ls, marker=marker)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="preference pairs n", title=f"RM = {rm}")
         ax.legend(fontsize=5.5)
